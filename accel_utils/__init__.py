@@ -1,0 +1,40 @@
+"""accel-utils: Accelerate-compatible distributed utilities for PyTorch training.
+
+Every public function accepts an ``accelerate.Accelerator``, an ``accelerate.PartialState``, a
+``torch.distributed.ProcessGroup``, a ``DeviceMesh`` or nothing at all. Public names are loaded
+on first use, so ``import accel_utils`` stays as light as ``import torch``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger(__name__)
+logger.addHandler(logging.NullHandler())
+
+# public name -> module that defines it
+_EXPORTS = {
+    "BarrierTimeoutError": "accel_utils.errors",
+    "FirstRankFailedError": "accel_utils.errors",
+    "Topology": "accel_utils.topology",
+    "resolve": "accel_utils.topology",
+}
+
+__all__ = sorted([*_EXPORTS, "logger", "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'accel_utils' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,394 @@
+"""Where the parallel layout lives: one frozen dataclass and the resolver that builds it.
+
+Every feature of accel-utils asks :func:`resolve` for a :class:`Topology` instead of deriving
+ranks, nodes or groups itself. This module is the only reader of launcher environment variables
+and of Accelerate / DeviceMesh internals.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import warnings
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+# Launcher variables (torchrun, accelerate launch) that identify a process's node.
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+# Mesh dimension names, Accelerate's first (its flattened "dp_cp" / "dp" meshes), then torch's.
+_LOSS_DIMS = ("dp_cp", "dp")
+_REPLICATE_DIMS = ("dp_replicate", "replicate")
+_SHARD_DIMS = ("dp_shard_cp", "dp_shard", "shard")
+_NON_DP_DIMS = ("tp", "cp", "sp", "pp", "ep")
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """Which node each member of a group runs on.
+
+    Attributes:
+        node_rank: index of this process's node among the group's nodes.
+        num_nodes: number of distinct nodes in the group.
+        local_rank: this process's index among the group members on its node.
+        local_world_size: number of group members on this process's node.
+    """
+
+    node_rank: int = 0
+    num_nodes: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The parallel layout seen by one process, for one group.
+
+    Ranks are relative to ``group``. The data-parallel view (``dp_*``) is the group over which
+    losses are averaged (Accelerate's ``dp_cp``, never ``tp``); ``replicate_*`` / ``shard_*``
+    split it into full model replicas and the shards inside one replica (HSDP). Without a mesh
+    every data-parallel rank is presumed to hold a full replica.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    group: dist.ProcessGroup | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dp_rank: int = 0
+    dp_size: int = 1
+    dp_group: dist.ProcessGroup | None = None
+    replicate_rank: int = 0
+    replicate_size: int = 1
+    shard_rank: int = 0
+    shard_size: int = 1
+    tp_size: int = 1
+    mesh: Any = None
+
+    @property
+    def distributed_enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_size > 1
+
+    @property
+    def replicate_enabled(self) -> bool:
+        return self.replicate_size > 1
+
+    @property
+    def shard_enabled(self) -> bool:
+        return self.shard_size > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def backend(self) -> str | None:
+        return None if self.group is None else str(dist.get_backend(self.group))
+
+    @property
+    def nodes(self) -> NodeLayout:
+        """Node identity of this process within ``group``; computed on first use, then cached.
+
+        From the launcher's variables where they describe ``group`` (the default group under
+        torchrun or accelerate launch), else by gathering one node key per member (once).
+        """
+        return node_layout(self.group)
+
+
+def single_process() -> Topology:
+    """The layout of a process that is not part of any initialised process group."""
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return Topology(device=device)
+
+
+def launcher_env() -> dict[str, str]:
+    """The launcher variables this process sees (only those that are set)."""
+    return {name: os.environ[name] for name in LAUNCHER_VARIABLES if name in os.environ}
+
+
+# Caches are only valid for one default group: a new init_process_group starts them afresh.
+_world_seen: list[Any] = [None]
+_topologies: dict[int, tuple[Any, Topology]] = {}
+_layouts: dict[int, tuple[Any, NodeLayout]] = {}
+
+
+def _fresh_caches() -> None:
+    world = dist.group.WORLD if dist.is_initialized() else None
+    if world is not _world_seen[0]:
+        _world_seen[0] = world
+        _topologies.clear()
+        _layouts.clear()
+
+
+def _ref(obj: Any) -> Any:
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
+def _cached(cache: dict[int, tuple[Any, Any]], key_obj: Any) -> Any:
+    hit = cache.get(id(key_obj))
+    if hit is not None and hit[0]() is key_obj:
+        return hit[1]
+    return None
+
+
+def resolve(handle: Any = None) -> Topology:
+    """Turn whatever the caller passes into a :class:`Topology`.
+
+    Args:
+        handle: ``None`` (the default group), an ``accelerate.Accelerator`` or
+            ``accelerate.PartialState``, a ``torch.distributed.ProcessGroup`` or a ``DeviceMesh``.
+
+    Returns:
+        The layout for ``handle``; rank 0 of 1 when no process group is initialised.
+
+    Raises:
+        TypeError: ``handle`` is none of the accepted kinds.
+        ValueError: this process is not a member of the given group.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return single_process()
+    _fresh_caches()
+    key_obj = handle if handle is not None else dist.group.WORLD
+    state = _accelerate_state(handle)
+    mesh_key = getattr(state, "device_mesh", None) if state is not None else None
+    hit = _cached(_topologies, key_obj)
+    if hit is not None and (state is None or hit.mesh is mesh_key):
+        return hit
+    topo = _resolve_uncached(handle, state)
+    _topologies[id(key_obj)] = (_ref(key_obj), topo)
+    return topo
+
+
+def _accelerate_state(handle: Any) -> Any:
+    # Accelerate is only consulted when the caller already imported it.
+    accelerate = sys.modules.get("accelerate")
+    if accelerate is None or handle is None:
+        return None
+    if isinstance(handle, accelerate.Accelerator):
+        return handle.state
+    if isinstance(handle, accelerate.PartialState):
+        return handle
+    if type(handle).__name__ == "AcceleratorState" and hasattr(handle, "num_processes"):
+        return handle
+    return None
+
+
+def _resolve_uncached(handle: Any, state: Any) -> Topology:
+    if state is not None:
+        return _from_accelerate(state)
+    if handle is None:
+        return _from_group(dist.group.WORLD)
+    if handle is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group() returns to non-members
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the given group; "
+            "call it only on the group's members"
+        )
+    if isinstance(handle, dist.ProcessGroup):
+        return _from_group(handle)
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(handle, DeviceMesh):
+        return _from_mesh(handle)
+    raise TypeError(
+        "expected None, an accelerate.Accelerator, an accelerate.PartialState, a "
+        f"torch.distributed.ProcessGroup or a DeviceMesh; got {type(handle).__name__}"
+    )
+
+
+def _group_device(group: dist.ProcessGroup) -> torch.device:
+    if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _from_group(group: dist.ProcessGroup, device: torch.device | None = None) -> Topology:
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the given group "
+            f"(ranks {dist.get_process_group_ranks(group)}); call it only on the group's members"
+        )
+    size = dist.get_world_size(group)
+    return Topology(
+        rank=rank,
+        world_size=size,
+        group=group,
+        device=device if device is not None else _group_device(group),
+        dp_rank=rank,
+        dp_size=size,
+        dp_group=group,
+        replicate_rank=rank,
+        replicate_size=size,
+    )
+
+
+def _mesh_dim(mesh: Any, candidates: tuple[str, ...]) -> Any:
+    for name in candidates:
+        try:  # flattened dims (Accelerate's "dp_cp") are reachable by name from the root mesh
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return mesh[name]
+        except (KeyError, RuntimeError, ValueError):
+            continue
+    return None
+
+
+def _from_mesh(mesh: Any, device: torch.device | None = None) -> Topology:
+    device = device if device is not None else torch.device(mesh.device_type)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if mesh.ndim == 1:
+        return replace(_from_group(mesh.get_group(), device), mesh=mesh)
+    names = tuple(mesh.mesh_dim_names or ())
+    if not names:  # torch's HSDP convention: (replicate, shard)
+        if mesh.ndim != 2:
+            raise ValueError("a DeviceMesh of more than 2 dimensions needs mesh_dim_names")
+        replicate, shard, tp, loss = mesh.get_group(0), mesh.get_group(1), None, None
+        whole = _flatten(mesh)
+    else:
+        replicate = _dim_group(mesh, _REPLICATE_DIMS)
+        shard = _dim_group(mesh, _SHARD_DIMS)
+        tp = _dim_group(mesh, ("tp",))
+        loss = _dim_group(mesh, _LOSS_DIMS)
+        whole = _flatten(mesh)
+    if loss is None:
+        dp_names = tuple(n for n in names if n not in _NON_DP_DIMS)
+        loss = _flatten(mesh[dp_names]) if dp_names else None
+    loss = loss if loss is not None else whole
+    return Topology(
+        rank=dist.get_rank(whole),
+        world_size=dist.get_world_size(whole),
+        group=whole,
+        device=device,
+        dp_rank=dist.get_rank(loss),
+        dp_size=dist.get_world_size(loss),
+        dp_group=loss,
+        replicate_rank=_rank_in(replicate),
+        replicate_size=_size_of(replicate),
+        shard_rank=_rank_in(shard),
+        shard_size=_size_of(shard),
+        tp_size=_size_of(tp),
+        mesh=mesh,
+    )
+
+
+def _dim_group(mesh: Any, candidates: tuple[str, ...]) -> dist.ProcessGroup | None:
+    sub = _mesh_dim(mesh, candidates)
+    return None if sub is None else sub.get_group()
+
+
+def _flatten(mesh: Any) -> dist.ProcessGroup:
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if mesh.size() == dist.get_world_size():
+        return dist.group.WORLD
+    return mesh._flatten().get_group()  # private, but the only way to one group over a sub-mesh
+
+
+def _rank_in(group: dist.ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _size_of(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _from_accelerate(state: Any) -> Topology:
+    world = dist.get_world_size()
+    claimed = getattr(state, "num_processes", world)
+    if claimed != world:
+        logger.warning(
+            "Accelerate's state reports %d process(es) but torch.distributed has %d; trusting "
+            "torch.distributed. On a CPU machine create the Accelerator / PartialState with "
+            "cpu=True (or launch with `accelerate launch --cpu` semantics) so that they agree.",
+            claimed,
+            world,
+        )
+        return _from_group(dist.group.WORLD)
+    device = getattr(state, "device", None)
+    if device is not None and device.type == "cpu":
+        device = torch.device("cpu")  # Accelerate says "cpu:0"; CPU tensors have no index
+    mesh = getattr(state, "device_mesh", None)
+    if mesh is not None:
+        return _from_mesh(mesh, device)
+    return _from_group(dist.group.WORLD, device)
+
+
+def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
+    """Node identity of this process within ``group`` (see :attr:`Topology.nodes`)."""
+    if group is None or not dist.is_initialized():
+        return NodeLayout()
+    _fresh_caches()
+    hit = _cached(_layouts, group)
+    if hit is not None:
+        return hit
+    layout = _layout_from_env(group) or _layout_from_gather(group)
+    _layouts[id(group)] = (_ref(group), layout)
+    return layout
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value is not None and value.strip().lstrip("-").isdigit() else None
+
+
+def _layout_from_env(group: dist.ProcessGroup) -> NodeLayout | None:
+    # The launcher describes the default group only; a subgroup's members must be gathered.
+    if dist.get_world_size(group) != dist.get_world_size():
+        return None
+    local_rank, local_size = _env_int("LOCAL_RANK"), _env_int("LOCAL_WORLD_SIZE")
+    node_rank = _env_int("GROUP_RANK")
+    node_rank = node_rank if node_rank is not None else _env_int("NODE_RANK")
+    if local_rank is None or local_size is None or node_rank is None or local_size < 1:
+        return None
+    num_nodes = _env_int("GROUP_WORLD_SIZE") or max(1, dist.get_world_size() // local_size)
+    return NodeLayout(node_rank, num_nodes, local_rank, local_size)
+
+
+def node_key() -> str:
+    """What identifies this process's node: the launcher's node index, else the host name."""
+    node_rank = _env_int("GROUP_RANK")
+    node_rank = node_rank if node_rank is not None else _env_int("NODE_RANK")
+    return f"node{node_rank}" if node_rank is not None else socket.gethostname()
+
+
+def _layout_from_gather(group: dist.ProcessGroup) -> NodeLayout:
+    keys: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(keys, node_key(), group=group)
+    mine = keys[dist.get_rank(group)]
+    order = list(dict.fromkeys(keys))  # nodes numbered by their lowest member rank
+    peers = [r for r, key in enumerate(keys) if key == mine]
+    return NodeLayout(
+        node_rank=order.index(mine),
+        num_nodes=len(order),
+        local_rank=peers.index(dist.get_rank(group)),
+        local_world_size=len(peers),
+    )
