@@ -21,6 +21,7 @@ _EXPORTS = {
     "BarrierTimeoutError": "accel_utils.errors",
     "FirstRankFailedError": "accel_utils.errors",
     "Topology": "accel_utils.topology",
+    "destroy_process_group": "accel_utils.lifecycle",
     "resolve": "accel_utils.topology",
 }
 

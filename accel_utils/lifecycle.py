@@ -1,0 +1,29 @@
+"""Ending a distributed job cleanly."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+def destroy_process_group() -> None:
+    """Barrier, then ``torch.distributed.destroy_process_group()``; a no-op without a group.
+
+    Two-process gloo jobs (FSDP2 ones most of all) abort now and then at interpreter exit
+    (``terminate called without an active exception``) when they end without tearing the group
+    down, and about as often with a bare ``destroy_process_group()``: a peer may still be
+    finishing its last collective. Ending with a barrier first made it go away in every
+    measured run. Call it as the last distributed statement of a script, on every rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "nccl" and torch.cuda.is_available():
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:  # never pass device_ids to a gloo barrier (it crashes hosts with fewer GPUs than ranks)
+        dist.barrier()
+    dist.destroy_process_group()
+    logger.debug("process group destroyed")
