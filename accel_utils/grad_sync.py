@@ -1,0 +1,203 @@
+"""Gradient-sync contexts for gradient accumulation: skip the gradient reduction until the last
+micro-batch, for DDP, FSDP2 (HSDP included), FSDP1 and lists of model parts."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import weakref
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from typing import Any, Iterator, Literal, Union
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from accel_utils.topology import resolve
+
+logger = logging.getLogger(__name__)
+
+DeferMode = Union[bool, Literal["replicas"]]
+
+# Static-graph DDP models already told that they sync until their graph is recorded.
+_static_graph_logged: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def get_sync_ctx(
+    model: nn.Module | list[nn.Module] | tuple[nn.Module, ...],
+    is_optim_step: bool | None,
+    defer_fsdp_grad_sync: DeferMode = True,
+    *,
+    accelerator: Any = None,
+) -> AbstractContextManager[None]:
+    """The context to run one micro-batch's forward **and** backward in.
+
+    Wrap the forward as well as the backward: DDP decides at forward time whether the next
+    backward reduces gradients, so a forward outside the context still syncs.
+
+    By model type:
+
+    * DDP (also as returned by ``Accelerator.prepare`` or wrapped by ``torch.compile``):
+      ``no_sync()`` on non-final micro-batches, a null context on the final one. With
+      ``static_graph=True`` it syncs until the static graph has been recorded by one synced
+      backward (torch crashes on ``no_sync`` before that, pytorch#187732); accumulating with an
+      extra all-reduce is still exact.
+    * FSDP2 (``torch.distributed.fsdp.FSDPModule``): sets the module's gradient-sync flags on
+      entry and restores their previous values on exit, also when the block raises.
+    * FSDP1 and any other wrapper with a callable ``no_sync``: ``no_sync()`` on non-final
+      micro-batches.
+    * DeepSpeed engines (and any run whose ``accelerator`` is a DeepSpeed one), plain modules
+      and single-process runs: a null context (DeepSpeed accumulates by itself).
+
+    Args:
+        model: the model, or a list / tuple of model parts (pipeline stages, several FSDP
+            roots): the context applies to, and restores, every part.
+        is_optim_step: True on the micro-batch after which the optimizer steps. ``None`` asks
+            ``accelerator.sync_gradients`` (needs ``accelerator=``).
+        defer_fsdp_grad_sync: what FSDP2 does on non-final micro-batches.
+
+            * ``True`` (default): no reduce-scatter and, on HSDP, no all-reduce: the least
+              communication, but every rank keeps unsharded gradients until the optimizer step
+              (peak memory grows by the unsharded gradient size).
+            * ``False``: reduce-scatter (and all-reduce) on every micro-batch: gradients stay
+              sharded (lowest memory), with K times the communication.
+            * ``"replicas"``: on HSDP (a 2-D replicate x shard mesh) reduce-scatter inside each
+              replica on every micro-batch, so gradients stay sharded, and defer only the
+              all-reduce across replicas, usually the slow inter-node link, to the optimizer
+              step. On a 1-D FSDP2 mesh and on DDP it behaves as ``True``.
+        accelerator: an ``accelerate.Accelerator``: supplies ``is_optim_step`` when it is None,
+            and a DeepSpeed run is left to DeepSpeed.
+
+    Returns:
+        A context manager.
+
+    Raises:
+        TypeError: ``model`` is not a module (or a list / tuple of modules), or
+            ``is_optim_step`` is neither a bool nor None.
+        ValueError: an unknown ``defer_fsdp_grad_sync``, or an empty list of parts.
+        RuntimeError: a static-graph DDP model whose graph state cannot be read on this torch.
+
+    Example:
+        >>> for i, batch in enumerate(micro_batches):
+        ...     with get_sync_ctx(model, is_optim_step=i == len(micro_batches) - 1):
+        ...         model(**batch).loss.backward()
+    """
+    if not (defer_fsdp_grad_sync is True or defer_fsdp_grad_sync is False
+            or defer_fsdp_grad_sync == "replicas"):
+        raise ValueError(
+            f"defer_fsdp_grad_sync must be True, False or 'replicas'; got {defer_fsdp_grad_sync!r}"
+        )
+    if is_optim_step is None:
+        if accelerator is None:
+            raise TypeError("is_optim_step=None needs accelerator= (it then means sync_gradients)")
+        is_optim_step = bool(accelerator.sync_gradients)
+    if not isinstance(is_optim_step, bool):
+        raise TypeError(f"is_optim_step must be a bool (or None); got {is_optim_step!r}")
+    parts = tuple(model) if isinstance(model, (list, tuple)) else (model,)
+    if not parts:
+        raise ValueError("model is an empty list: pass the model or its parts")
+    for part in parts:
+        if not isinstance(part, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or a list of them; got {type(part).__name__}")
+    if accelerator is not None and str(getattr(accelerator, "distributed_type", "")) == "DEEPSPEED":
+        return nullcontext()
+    if not resolve().distributed_enabled:
+        return nullcontext()
+    if len(parts) == 1:
+        return _part_ctx(parts[0], is_optim_step, defer_fsdp_grad_sync)
+    return _all_parts(parts, is_optim_step, defer_fsdp_grad_sync)
+
+
+@contextmanager
+def _all_parts(parts: tuple[nn.Module, ...], is_optim_step: bool, defer: DeferMode) -> Iterator[None]:
+    with ExitStack() as stack:  # exits (restores) every part entered, in reverse, also on error
+        for part in parts:
+            stack.enter_context(_part_ctx(part, is_optim_step, defer))
+        yield
+
+
+def _part_ctx(part: nn.Module, is_optim_step: bool, defer: DeferMode) -> AbstractContextManager[None]:
+    module = getattr(part, "_orig_mod", part)  # torch.compile's wrapper
+    if any(cls.__name__ == "DeepSpeedEngine" for cls in type(module).__mro__):
+        return nullcontext()
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # FSDP2 modules exist only once it is imported
+    if fsdp is not None and isinstance(module, fsdp.FSDPModule):
+        return _fsdp2_ctx(module, is_optim_step, defer)
+    if is_optim_step:
+        return nullcontext()
+    if isinstance(module, DistributedDataParallel):
+        return _ddp_no_sync(module)
+    no_sync = getattr(module, "no_sync", None)
+    return no_sync() if callable(no_sync) else nullcontext()
+
+
+def _ddp_no_sync(ddp: DistributedDataParallel) -> AbstractContextManager[None]:
+    if ddp.static_graph and not _static_graph_recorded(ddp):
+        if ddp not in _static_graph_logged:
+            _static_graph_logged.add(ddp)
+            logger.info(
+                "DDP static_graph=True: gradients are all-reduced on every micro-batch until one "
+                "synced backward has recorded the static graph (no_sync before that crashes in "
+                "torch); accumulation stays exact"
+            )
+        return nullcontext()
+    return ddp.no_sync()
+
+
+def _static_graph_recorded(ddp: DistributedDataParallel) -> bool:
+    # Set by DDP's first synced backward in torch 2.11 - 2.13; a private flag, hence the guard.
+    recorded = getattr(ddp, "_static_graph_delay_allreduce_enqueued", None)
+    if not isinstance(recorded, bool):
+        raise RuntimeError(
+            f"get_sync_ctx cannot tell whether this static-graph DDP model has recorded its graph "
+            f"(torch {torch.__version__} lacks DDP._static_graph_delay_allreduce_enqueued), and "
+            "no_sync before that crashes or silently skips all-reduces (pytorch#187732). Build "
+            "the DDP model with static_graph=False for gradient accumulation, or pass "
+            "is_optim_step=True on every micro-batch."
+        )
+    return recorded
+
+
+@contextmanager
+def _fsdp2_ctx(module: nn.Module, is_optim_step: bool, defer: DeferMode) -> Iterator[None]:
+    saved = _fsdp2_flags(module)
+    try:
+        if defer == "replicas" and _is_hsdp(module):
+            module.set_requires_gradient_sync(True)
+            module.set_requires_all_reduce(is_optim_step)
+        else:
+            module.set_requires_gradient_sync(is_optim_step or not defer)
+        yield
+    finally:
+        for group, reduce_grads, all_reduce_grads in saved:
+            group.reduce_grads = reduce_grads
+            group.all_reduce_grads = all_reduce_grads
+
+
+def _fsdp2_flags(module: nn.Module) -> list[tuple[Any, bool, bool]]:
+    """Every FSDP parameter group under ``module`` with its (reduce, all-reduce) flags.
+
+    These are the attributes that FSDP2's public setters write; reading them is the only way
+    to restore what the caller had set before, rather than a guessed default.
+    """
+    fsdp = sys.modules["torch.distributed.fsdp"]
+    flags = []
+    for sub in module.modules():
+        if isinstance(sub, fsdp.FSDPModule):
+            state = sub._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.12: several
+            if groups is None:
+                groups = [g for g in (state._fsdp_param_group,) if g is not None]
+            for group in groups:
+                flags.append((group, group.reduce_grads, group.all_reduce_grads))
+    return flags
+
+
+def _is_hsdp(module: nn.Module) -> bool:
+    # FSDP2 lays HSDP parameters out as (Replicate(), Shard(0), ...) on a mesh of >= 2 dims.
+    from torch.distributed.tensor import DTensor, Replicate
+
+    for param in module.parameters():
+        if isinstance(param, DTensor):
+            return param.device_mesh.ndim >= 2 and isinstance(param.placements[0], Replicate)
+    return False

@@ -1,0 +1,146 @@
+"""Global per-token loss from per-rank loss sums, in one collective."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from accel_utils.topology import resolve
+
+logger = logging.getLogger(__name__)
+
+_SUM = dist.ReduceOp.SUM
+
+
+def reduce_loss(
+    loss_store: Sequence[torch.Tensor],
+    total_num_tokens: torch.Tensor | int,
+    per_token_loss: bool = True,
+    dp_group: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the loss and its denominator over all data-parallel ranks, in one collective.
+
+    The loss sum and the denominator travel packed in one float64 tensor, so a call costs one
+    all-reduce (the seed made two) and the denominator stays exact up to 2**53 tokens. NaN or
+    inf losses are reduced as they are: they are information about the run, not bad input.
+
+    Args:
+        loss_store: this rank's per-micro-batch losses (scalars or shape ``(1,)``), usually loss
+            sums over tokens.
+        total_num_tokens: this rank's token count (an int or a one-element integer tensor); only
+            read when ``per_token_loss``.
+        per_token_loss: denominator is the token count when True, else the number of
+            micro-batches.
+        dp_group: what to reduce over: anything :func:`accel_utils.resolve` accepts (a
+            ProcessGroup, an Accelerator or PartialState, a DeviceMesh); the reduction runs over
+            its data-parallel view (``dp_cp`` with context parallelism, never ``tp``). ``None``
+            reduces nothing (this rank's values only), as in the seed.
+
+    Returns:
+        ``(loss, denominator)``: the summed loss as float32 and the summed denominator as int64,
+        both detached, shape ``(1,)``, on the device of ``loss_store``. Divide one by the other
+        for the global per-token (or per-micro-batch) loss.
+
+    Raises:
+        ValueError: ``loss_store`` is empty or holds a non-scalar loss, or the token count is
+            negative or not a single value.
+        TypeError: ``loss_store`` is not a sequence of tensors.
+
+    Example:
+        >>> loss, tokens = reduce_loss(loss_sums, num_tokens, dp_group=accelerator)
+        >>> per_token = (loss / tokens).item()
+    """
+    _check_losses(loss_store)
+    count = _denominator(total_num_tokens, per_token_loss, len(loss_store))
+    if loss_store[0].is_cpu:
+        # On the host, reading values is free: pack Python floats (double precision) and skip
+        # the tensor ops that would otherwise dominate a 2-element all-reduce.
+        try:
+            loss_sum = sum([loss.item() for loss in loss_store])
+        except (RuntimeError, AttributeError) as exc:  # several elements, or not a tensor
+            raise _bad_losses(loss_store) from exc
+        packed = torch.tensor((loss_sum, float(count)), dtype=torch.float64)
+        _all_reduce(packed, dp_group)
+        loss_sum, total = packed.tolist()
+        return (
+            torch.full((1,), loss_sum, dtype=torch.float32),
+            torch.full((1,), int(total), dtype=torch.int64),
+        )
+    # On an accelerator every value stays on the device: no host synchronisation.
+    with torch.no_grad():
+        try:
+            losses = torch.stack(loss_store)
+        except (RuntimeError, TypeError) as exc:  # shapes differ, or not a tensor
+            raise _bad_losses(loss_store) from exc
+        if losses.numel() != len(loss_store):
+            raise _bad_losses(loss_store)
+        loss_sum = losses.sum(dtype=torch.float64)
+        if isinstance(count, torch.Tensor):
+            count = count.to(loss_sum.device, torch.float64).reshape(())
+        else:
+            count = loss_sum.new_tensor(float(count))
+        packed = torch.stack((loss_sum, count))
+        _all_reduce(packed, dp_group)
+        return packed[:1].float(), packed[1:].long()
+
+
+def _all_reduce(packed: torch.Tensor, dp_group: Any) -> None:
+    if dp_group is None:
+        return
+    topo = resolve(dp_group)  # cached per group object: a dict look-up on the hot path
+    if topo.dp_size > 1:
+        dist.all_reduce(packed, op=_SUM, group=topo.dp_group)
+
+
+def _check_losses(loss_store: Sequence[torch.Tensor]) -> None:
+    if not isinstance(loss_store, (list, tuple)) or not loss_store:
+        raise ValueError(
+            "loss_store must be a non-empty list of scalar loss tensors (one per micro-batch); "
+            f"got {loss_store!r}"[:200]
+        )
+    if not isinstance(loss_store[0], torch.Tensor):
+        raise _bad_losses(loss_store)
+
+
+def _denominator(
+    total_num_tokens: torch.Tensor | int, per_token_loss: bool, num_micro_batches: int
+) -> torch.Tensor | int | float:
+    """This rank's denominator: a number on the host, a tensor where it lives on a device."""
+    if not per_token_loss:
+        return num_micro_batches
+    if isinstance(total_num_tokens, torch.Tensor):
+        if total_num_tokens.numel() != 1:
+            raise ValueError(
+                "total_num_tokens must be one token count (an int or a one-element tensor); "
+                f"got a tensor of shape {tuple(total_num_tokens.shape)}"
+            )
+        if total_num_tokens.is_cpu:
+            total_num_tokens = total_num_tokens.item()
+        elif bool(total_num_tokens < 0):  # one device sync, as a logged loss.item() costs
+            raise _bad_count(total_num_tokens)
+        else:
+            return total_num_tokens
+    if isinstance(total_num_tokens, bool) or not isinstance(total_num_tokens, (int, float)):
+        raise _bad_count(total_num_tokens)
+    if total_num_tokens < 0:
+        raise _bad_count(total_num_tokens)
+    return total_num_tokens
+
+
+def _bad_losses(loss_store: Sequence[Any]) -> Exception:
+    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in loss_store]
+    if all(isinstance(x, torch.Tensor) for x in loss_store):
+        return ValueError(
+            "loss_store must hold one scalar loss per micro-batch (shape () or (1,)); got shapes "
+            f"{shapes}"
+        )
+    return TypeError(f"loss_store must hold torch.Tensor losses; got {shapes}")
+
+
+def _bad_count(value: Any) -> ValueError:
+    return ValueError(
+        f"total_num_tokens must be a non-negative integer token count; got {value!r}"
+    )
