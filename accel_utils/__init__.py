@@ -22,6 +22,8 @@ _EXPORTS = {
     "FirstRankFailedError": "accel_utils.errors",
     "Topology": "accel_utils.topology",
     "destroy_process_group": "accel_utils.lifecycle",
+    "get_sync_ctx": "accel_utils.grad_sync",
+    "reduce_loss": "accel_utils.loss",
     "resolve": "accel_utils.topology",
 }
 
