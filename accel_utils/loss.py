@@ -54,22 +54,37 @@ def reduce_loss(
         >>> per_token = (loss / tokens).item()
     """
     _check_losses(loss_store)
-    count = _denominator(total_num_tokens, per_token_loss, len(loss_store))
+    count = total_num_tokens if per_token_loss else len(loss_store)
     if loss_store[0].is_cpu:
-        # On the host, reading values is free: pack Python floats (double precision) and skip
-        # the tensor ops that would otherwise dominate a 2-element all-reduce.
-        try:
-            loss_sum = sum([loss.item() for loss in loss_store])
-        except (RuntimeError, AttributeError) as exc:  # several elements, or not a tensor
-            raise _bad_losses(loss_store) from exc
-        packed = torch.tensor((loss_sum, float(count)), dtype=torch.float64)
-        _all_reduce(packed, dp_group)
-        loss_sum, total = packed.tolist()
-        return (
-            torch.full((1,), loss_sum, dtype=torch.float32),
-            torch.full((1,), int(total), dtype=torch.int64),
-        )
+        return _reduce_on_host(loss_store, count, dp_group)
+    return _reduce_on_device(loss_store, count, dp_group)
+
+
+def _reduce_on_host(
+    loss_store: Sequence[torch.Tensor], count: torch.Tensor | int, dp_group: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # On the host, reading values is free: pack Python floats (double precision) and skip the
+    # tensor ops that would otherwise cost as much as the 2-element all-reduce itself.
+    count = _count(count)
+    try:
+        loss_sum = sum([loss.item() for loss in loss_store])
+    except (RuntimeError, AttributeError) as exc:  # several elements, or not a tensor
+        raise _bad_losses(loss_store) from exc
+    packed = torch.tensor((loss_sum, float(count)), dtype=torch.float64)
+    _all_reduce(packed, dp_group)
+    loss_sum, total = packed.tolist()
+    return (
+        torch.full((1,), loss_sum, dtype=torch.float32),
+        torch.full((1,), int(total), dtype=torch.int64),
+    )
+
+
+def _reduce_on_device(
+    loss_store: Sequence[torch.Tensor], count: torch.Tensor | int, dp_group: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     # On an accelerator every value stays on the device: no host synchronisation.
+    _check_losses(loss_store)
+    count = _count(count)
     with torch.no_grad():
         try:
             losses = torch.stack(loss_store)
@@ -105,12 +120,8 @@ def _check_losses(loss_store: Sequence[torch.Tensor]) -> None:
         raise _bad_losses(loss_store)
 
 
-def _denominator(
-    total_num_tokens: torch.Tensor | int, per_token_loss: bool, num_micro_batches: int
-) -> torch.Tensor | int | float:
-    """This rank's denominator: a number on the host, a tensor where it lives on a device."""
-    if not per_token_loss:
-        return num_micro_batches
+def _count(total_num_tokens: torch.Tensor | int) -> torch.Tensor | int | float:
+    """The validated count: a number where it is on the host, else the device tensor."""
     if isinstance(total_num_tokens, torch.Tensor):
         if total_num_tokens.numel() != 1:
             raise ValueError(

@@ -1,0 +1,179 @@
+"""reduce_loss on real gloo groups: equal to one process over the union of micro-batches, one
+collective per call (the first included), an exact int64 denominator, clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from accel_utils import reduce_loss
+from accel_utils.loss import _reduce_on_device
+from tests.harness import run_distributed
+
+BARE_LAUNCHER = {"LOCAL_RANK": None, "LOCAL_WORLD_SIZE": None, "GROUP_RANK": None,
+                 "GROUP_WORLD_SIZE": None}
+
+
+def _rank_data(rank: int) -> tuple[list[torch.Tensor], int]:
+    """Rank ``rank``'s micro-batch loss sums (uneven count per rank) and token count."""
+    g = torch.Generator().manual_seed(rank)
+    n = 2 + rank % 3
+    return [torch.rand((), generator=g) * 50 for _ in range(n)], 97 * (rank + 1) + 3 * rank
+
+
+def _expected(world: int, per_token: bool) -> tuple[float, int]:
+    data = [_rank_data(r) for r in range(world)]
+    loss = sum(float(x) for losses, _ in data for x in losses)
+    denom = sum(t if per_token else len(losses) for losses, t in data)
+    return loss, denom
+
+
+def _describe(loss: torch.Tensor, denom: torch.Tensor) -> dict:
+    return {"loss": float(loss), "denom": int(denom), "dtypes": (loss.dtype, denom.dtype),
+            "shapes": (tuple(loss.shape), tuple(denom.shape)),
+            "grad": loss.requires_grad or denom.requires_grad, "devices": (loss.device.type, denom.device.type)}
+
+
+def _count(names=("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier",
+                  "all_gather_into_tensor", "reduce_scatter_single", "all_gather_single")):
+    """Count calls of every torch.distributed collective (the real ones still run)."""
+    calls: list[str] = []
+    real = {n: getattr(dist, n) for n in names}
+
+    def wrap(name):
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return real[name](*args, **kwargs)
+        return counted
+
+    for n in names:
+        setattr(dist, n, wrap(n))
+
+    def restore() -> None:
+        for n, fn in real.items():
+            setattr(dist, n, fn)
+
+    return calls, restore
+
+
+def _reduce_everywhere(handle_kind: str) -> dict:
+    from accelerate import PartialState
+
+    rank = dist.get_rank()
+    losses, tokens = _rank_data(rank)
+    losses[0] = losses[0].clone().requires_grad_()  # a loss still in the graph: result detached
+    handle = {"group": dist.group.WORLD, "state": PartialState(cpu=True),
+              "subgroup": dist.new_group(list(range(dist.get_world_size())))}[handle_kind]
+    calls, restore = _count()
+    try:
+        out = {
+            "first": _describe(*reduce_loss(losses, torch.tensor(tokens), dp_group=handle)),
+            "first_calls": list(calls),
+            "int_tokens": _describe(*reduce_loss(losses, tokens, dp_group=handle)),
+            "per_batch": _describe(*reduce_loss(losses, torch.tensor(tokens), False, handle)),
+            "device_path": _describe(*_reduce_on_device(losses, torch.tensor(tokens), handle)),
+            "device_per_batch": _describe(*_reduce_on_device(losses, len(losses), handle)),
+        }
+        out["calls_total"] = len(calls)
+        before = len(calls)
+        out["local"] = _describe(*reduce_loss(losses, tokens))  # dp_group=None: no collective
+        out["local_calls"] = len(calls) - before
+    finally:
+        restore()
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_equals_one_process_over_all_micro_batches_in_one_collective(world_size: int) -> None:
+    out = run_distributed(_reduce_everywhere, world_size, "group", env=BARE_LAUNCHER)
+    loss, tokens = _expected(world_size, True)
+    _, batches = _expected(world_size, False)
+    for rank, o in enumerate(out):
+        # the first call, without launcher variables, is exactly one collective: no host gather
+        assert o["first_calls"] == ["all_reduce"]
+        assert o["calls_total"] == 5  # one per call
+        for key, want in (("first", tokens), ("int_tokens", tokens), ("per_batch", batches),
+                          ("device_path", tokens), ("device_per_batch", batches)):
+            got = o[key]
+            assert got["loss"] == pytest.approx(loss, rel=1e-6), key
+            assert got["denom"] == want, key
+            assert got["dtypes"] == (torch.float32, torch.int64), key
+            assert got["shapes"] == ((1,), (1,)) and got["grad"] is False, key
+            assert got["devices"] == ("cpu", "cpu")
+        mine, my_tokens = _rank_data(rank)
+        assert o["local"]["loss"] == pytest.approx(sum(float(x) for x in mine), rel=1e-6)
+        assert o["local"]["denom"] == my_tokens and o["local_calls"] == 0
+
+
+@pytest.mark.parametrize("kind", ["state", "subgroup"])
+def test_accepts_partial_state_and_process_groups(kind: str) -> None:
+    out = run_distributed(_reduce_everywhere, 2, kind)
+    loss, tokens = _expected(2, True)
+    for o in out:
+        assert o["first"]["denom"] == tokens and o["first"]["loss"] == pytest.approx(loss, rel=1e-6)
+        assert o["first_calls"] == ["all_reduce"]
+
+
+def _huge_and_nan() -> dict:
+    rank = dist.get_rank()
+    huge = 3_000_000_000 + rank  # more than int32 and float32 can hold exactly
+    out = {
+        "huge": int(reduce_loss([torch.tensor(1.0)], torch.tensor(huge), dp_group=dist.group.WORLD)[1]),
+        "huge_int": int(reduce_loss([torch.tensor(1.0)], huge, dp_group=dist.group.WORLD)[1]),
+        "huge_device": int(_reduce_on_device([torch.tensor(1.0)], torch.tensor(huge), dist.group.WORLD)[1]),
+    }
+    losses = [torch.tensor(float("nan")) if rank == 1 else torch.tensor(2.0)]
+    out["nan"] = float(reduce_loss(losses, 5, dp_group=dist.group.WORLD)[0])
+    return out
+
+
+def test_huge_denominator_is_exact_and_nan_is_reduced_as_is() -> None:
+    for o in run_distributed(_huge_and_nan, 2):
+        assert o["huge"] == o["huge_int"] == o["huge_device"] == 6_000_000_001
+        assert math.isnan(o["nan"])
+
+
+def _over_mesh_dp_not_tp() -> dict:
+    # Accelerate's mesh (dp_shard x tp); the loss is reduced over dp only: tp peers hold the
+    # same micro-batches and must not be counted twice.
+    from accelerate.parallelism_config import ParallelismConfig
+
+    mesh = ParallelismConfig(dp_shard_size=2, tp_size=2).build_device_mesh("cpu")
+    dp_rank = dist.get_rank() // 2
+    losses, tokens = _rank_data(dp_rank)
+    loss, denom = reduce_loss(losses, tokens, dp_group=mesh)
+    return {"loss": float(loss), "denom": int(denom)}
+
+
+def test_reduces_over_data_parallel_ranks_not_tensor_parallel() -> None:
+    loss, tokens = _expected(2, True)
+    for o in run_distributed(_over_mesh_dp_not_tp, 4):
+        assert o["denom"] == tokens and o["loss"] == pytest.approx(loss, rel=1e-6)
+
+
+def test_single_process_without_group() -> None:
+    assert not dist.is_initialized()
+    loss, denom = reduce_loss([torch.tensor(1.5), torch.tensor([2.5])], 7, dp_group=dist.group.WORLD)
+    assert (float(loss), int(denom)) == (4.0, 7)
+
+
+@pytest.mark.parametrize("reduce", [reduce_loss, _reduce_on_device], ids=["host", "device"])
+@pytest.mark.parametrize(
+    "losses,tokens,exc,words",
+    [
+        ([], 3, ValueError, "non-empty"),
+        (torch.tensor([1.0, 2.0]), 3, ValueError, "non-empty list"),
+        ([torch.tensor([1.0, 2.0])], 3, ValueError, "one scalar loss"),
+        ([torch.tensor(1.0), 2.0], 3, TypeError, "torch.Tensor"),
+        ([torch.tensor(1.0)], -1, ValueError, "non-negative"),
+        ([torch.tensor(1.0)], torch.tensor(-4), ValueError, "non-negative"),
+        ([torch.tensor(1.0)], torch.tensor([3, 4]), ValueError, "one token count"),
+        ([torch.tensor(1.0)], "7", ValueError, "non-negative integer"),
+    ],
+)
+def test_bad_input_says_what_was_expected(reduce, losses, tokens, exc, words) -> None:
+    with pytest.raises(exc, match=words):
+        reduce(losses, tokens)
