@@ -1,0 +1,372 @@
+"""Which eval samples each rank scores, and how the per-rank results come back together.
+
+:func:`dp_eval_sample_shard` answers "may this rank score its own subset?": only where a full
+model replica runs ``generate()`` without collectives that pair it with other ranks. Under a
+sharded model (FSDP, ZeRO-3, TP) every forward issues collectives that must stay in lockstep, so
+every rank must score the same samples. :func:`shard_samples` and :func:`gather_sharded_results`
+apply the answer and undo it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from accel_utils.topology import Topology, resolve
+
+logger = logging.getLogger(__name__)
+
+Shard = tuple[int, int]
+
+# How a data-parallel layout treats the model: every rank holds it whole, it is split across
+# ranks, or it is split inside replicas whose index the caller passes as (dp_rank, dp_size).
+REPLICATED, SHARDED, HYBRID = "replicated", "sharded", "hybrid"
+
+# Names (strings, DistributedType values, config class names), compared without "_", "-", case.
+_KINDS = {
+    "ddp": REPLICATED,
+    "deepspeedzero0": REPLICATED,
+    "deepspeedzero1": REPLICATED,
+    "deepspeedzero2": REPLICATED,
+    "deepspeedzero3": SHARDED,
+    "fsdp": SHARDED,
+    "fsdp1": SHARDED,
+    "fsdp2": SHARDED,
+    "megatronfsdp": SHARDED,
+    "tp": SHARDED,
+    "hsdp": HYBRID,
+    # accelerate.DistributedType values
+    "no": REPLICATED,
+    "multicpu": REPLICATED,
+    "multigpu": REPLICATED,
+    "multinpu": REPLICATED,
+    "multimlu": REPLICATED,
+    "multisdaa": REPLICATED,
+    "multimusa": REPLICATED,
+    "multixpu": REPLICATED,
+    "multihpu": REPLICATED,
+    "multineuron": REPLICATED,
+    "xla": REPLICATED,
+    "deepspeed": SHARDED,  # the ZeRO stage is unknown: lockstep is the safe answer
+    "megatronlm": SHARDED,
+}
+_NON_DP_DIMS = ("tp", "cp", "sp", "pp", "ep")
+
+_ACCEPTED = (
+    "an accelerate.Accelerator, an accelerate.ParallelismConfig, an accelerate.DistributedType, "
+    "one of the strings 'ddp', 'fsdp', 'fsdp2', 'hsdp', 'deepspeed_zero0'..'deepspeed_zero3', "
+    "'megatron_fsdp', 'tp', a config object named after one of them (DDPConfig, FSDP2Config, "
+    "MegatronFSDPConfig, ...), or the model itself (a torch.nn.Module)"
+)
+
+
+def dp_eval_sample_shard(
+    distributed_config: Any, dp_rank: int | None = None, dp_size: int | None = None
+) -> Shard | None:
+    """Return ``(rank, size)`` to shard eval samples by, or None when every rank needs all of them.
+
+    A full model replica per rank (DDP, DeepSpeed ZeRO-0/1/2) can score a disjoint subset:
+    ``(dp_rank, dp_size)``. A sharded model (FSDP1 full/grad-op sharding, FSDP2, ZeRO-3,
+    MegatronFSDP, pure TP) issues collectives inside ``generate()`` that must stay in lockstep
+    across the group: None, every rank scores the same samples. HSDP and TP+DP with
+    ``dp_replicate > 1``: ``(replicate_rank, replicate_size)``, so every full replica scores a
+    disjoint subset while the ranks inside one replica get identical samples. Replicas then make
+    different numbers of ``generate()`` calls: pass ``synced_gpus=False`` (its per-token
+    all-reduce spans the whole world), which is safe because the ranks of a replica produce
+    identical outputs. One process (size 1) gives None.
+
+    What ``dp_rank`` / ``dp_size`` mean with each form of ``distributed_config``:
+
+    * an ``Accelerator`` or the model: optional; read from its topology (state, FSDP plugin,
+      DeepSpeed stage, device mesh; DDP process group or DTensor placements) and, when given,
+      checked against it (this rank's index and size of the data-parallel group).
+    * a ``ParallelismConfig``: this rank's index in the whole data-parallel group and its size
+      (``dp_replicate x dp_shard``); the replicate coordinate follows Accelerate's mesh order
+      (``dp_replicate`` outermost). Omitted, they come from the default group in that order.
+    * ``"ddp"``, ``"deepspeed_zero0..2"``, a replicated ``DistributedType`` or config class:
+      the data-parallel rank and size; omitted, those of the default group.
+    * ``"hsdp"`` (which carries no mesh): the replicate rank and the number of replicas; required.
+    * sharded names (``"fsdp"``, ``"fsdp2"``, ``"deepspeed_zero3"``, ``"megatron_fsdp"``,
+      ``"tp"``, ``DistributedType.FSDP`` / ``DEEPSPEED`` / ``MEGATRON_LM``): validated, unused.
+
+    Args:
+        distributed_config: one of the forms above.
+        dp_rank: see above.
+        dp_size: see above.
+
+    Returns:
+        ``(rank, size)`` of this rank's sample shard, or None.
+
+    Raises:
+        ValueError: ``dp_size < 1``, ``dp_rank`` outside ``[0, dp_size)``, only one of them given
+            where both are needed, or they disagree with the topology.
+        TypeError: ``distributed_config`` is none of the accepted forms.
+    """
+    _validate(dp_rank, dp_size)
+    if isinstance(distributed_config, torch.nn.Module):
+        return _from_model(distributed_config, dp_rank, dp_size)
+    accelerate = sys.modules.get("accelerate")
+    if accelerate is not None:
+        if isinstance(distributed_config, accelerate.Accelerator):
+            topo = resolve(distributed_config)
+            _check(topo, dp_rank, dp_size, "the Accelerator")
+            return _topology_shard(topo, _accelerator_kind(distributed_config.state))
+        if isinstance(distributed_config, accelerate.ParallelismConfig):
+            return _from_parallelism_config(distributed_config, dp_rank, dp_size)
+    kind = _named_kind(distributed_config)
+    if kind == SHARDED:
+        return None
+    if kind == HYBRID and dp_rank is None:
+        raise ValueError(
+            "'hsdp' carries no mesh: pass dp_rank=<replicate rank> and dp_size=<number of "
+            "replicas>, or pass the Accelerator, the device mesh's model or a ParallelismConfig"
+        )
+    if dp_rank is None:
+        topo = resolve()
+        dp_rank, dp_size = topo.dp_rank, topo.dp_size
+    return (dp_rank, dp_size) if dp_size > 1 else None
+
+
+def _validate(dp_rank: Any, dp_size: Any) -> None:
+    for name, value in (("dp_rank", dp_rank), ("dp_size", dp_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if (dp_rank is None) != (dp_size is None):
+        raise ValueError(f"pass both dp_rank and dp_size or neither (got {dp_rank}, {dp_size})")
+    if dp_size is not None and dp_size < 1:
+        raise ValueError(f"dp_size must be >= 1, got {dp_size}")
+    if dp_rank is not None and not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
+
+
+def _check(topo: Topology, dp_rank: int | None, dp_size: int | None, what: str) -> None:
+    if dp_rank is not None and (dp_rank, dp_size) != (topo.dp_rank, topo.dp_size):
+        raise ValueError(
+            f"dp_rank={dp_rank}, dp_size={dp_size} disagree with {what}, whose data-parallel "
+            f"rank and size are {topo.dp_rank}, {topo.dp_size}; omit them or pass those"
+        )
+
+
+def _named_kind(config: Any) -> str:
+    name = config if isinstance(config, str) else None  # DistributedType is a str enum
+    if name is None and not isinstance(config, (type, torch.nn.Module)):
+        name = type(config).__name__
+        name = name[: -len("config")] if name.lower().endswith("config") else None
+    key = None if name is None else name.lower().replace("_", "").replace("-", "")
+    if key not in _KINDS:
+        raise TypeError(f"distributed_config: expected {_ACCEPTED}; got {config!r}")
+    return _KINDS[key]
+
+
+def _topology_shard(topo: Topology, kind: str) -> Shard | None:
+    """The shard for a layout of ``kind`` on ``topo`` (a mesh's names override ``kind``)."""
+    mesh = topo.mesh
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    model_parallel = mesh is not None and (
+        topo.shard_size > 1 or topo.tp_size > 1 or bool(set(names) & set(_NON_DP_DIMS))
+    )
+    if kind == REPLICATED and not model_parallel:
+        return (topo.dp_rank, topo.dp_size) if topo.dp_size > 1 else None
+    if mesh is not None and mesh.ndim > 1 and topo.replicate_size > 1:
+        return topo.replicate_rank, topo.replicate_size
+    if kind == HYBRID and mesh is None:  # FSDP1 hybrid sharding: shards inside a node
+        nodes = topo.nodes
+        return (nodes.node_rank, nodes.num_nodes) if nodes.num_nodes > 1 else None
+    return None
+
+
+def _accelerator_kind(state: Any) -> str:
+    kind = str(getattr(state.distributed_type, "value", state.distributed_type))
+    if kind == "DEEPSPEED":
+        return SHARDED if state.deepspeed_plugin.zero_stage == 3 else REPLICATED
+    if kind == "FSDP":
+        plugin = state.fsdp_plugin
+        if getattr(plugin, "fsdp_version", 1) == 2:
+            return SHARDED  # HSDP shows in the device mesh
+        strategy = str(getattr(plugin, "sharding_strategy", "FULL_SHARD")).upper()
+        return REPLICATED if "NO_SHARD" in strategy else HYBRID if "HYBRID" in strategy else SHARDED
+    return _named_kind(kind)
+
+
+def _from_parallelism_config(pc: Any, dp_rank: int | None, dp_size: int | None) -> Shard | None:
+    replicate, shard = pc.dp_replicate_size, pc.dp_shard_size
+    if dp_rank is None:
+        topo = resolve()
+        if topo.world_size != pc.total_size:
+            raise ValueError(
+                f"the ParallelismConfig describes {pc.total_size} processes but the default group "
+                f"has {topo.world_size}; pass dp_rank and dp_size"
+            )
+        dp_rank, dp_size = topo.rank // pc.non_data_parallel_size, replicate * shard
+    if dp_size != replicate * shard:
+        raise ValueError(
+            f"dp_size={dp_size} is not the ParallelismConfig's data-parallel size "
+            f"dp_replicate_size x dp_shard_size = {replicate} x {shard}"
+        )
+    return (dp_rank // shard, replicate) if replicate > 1 else None
+
+
+def _from_model(model: torch.nn.Module, dp_rank: int | None, dp_size: int | None) -> Shard | None:
+    inner = model
+    while hasattr(inner, "_orig_mod"):  # torch.compile's OptimizedModule
+        inner = inner._orig_mod
+    if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        topo = resolve(inner.process_group)
+        _check(topo, dp_rank, dp_size, "the DDP model's process group")
+        return _topology_shard(topo, REPLICATED)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and isinstance(inner, fsdp.FullyShardedDataParallel):  # FSDP1
+        topo = resolve(inner.process_group)
+        _check(topo, dp_rank, dp_size, "the FSDP model's process group")
+        no_shard = inner.sharding_strategy == fsdp.ShardingStrategy.NO_SHARD
+        return _topology_shard(topo, REPLICATED) if no_shard else None
+    if callable(getattr(inner, "zero_optimization_stage", None)):  # a DeepSpeed engine
+        topo = resolve()
+        _check(topo, dp_rank, dp_size, "the default group")
+        return None if inner.zero_optimization_stage() == 3 else _topology_shard(topo, REPLICATED)
+    layout = _dtensor_layout(inner)
+    if layout is None:  # plain tensors: a replica per rank of the default group
+        topo = resolve()
+        _check(topo, dp_rank, dp_size, "the default group (the model holds plain tensors)")
+        return _topology_shard(topo, REPLICATED)
+    mesh, replicated_dims = layout
+    topo = resolve(mesh)
+    _check(topo, dp_rank, dp_size, "the model's device mesh")
+    if mesh.ndim == 1:  # FSDP2 and TP shard over it; replicate() keeps whole copies
+        return _topology_shard(topo, REPLICATED if replicated_dims else SHARDED)
+    names = tuple(mesh.mesh_dim_names or ())
+    replicate_dim = next((i for i, name in enumerate(names) if "replicate" in name), 0)
+    return _topology_shard(topo, SHARDED) if replicate_dim in replicated_dims else None
+
+
+def _dtensor_layout(model: torch.nn.Module) -> tuple[Any, set[int]] | None:
+    """The device mesh of the model's DTensor parameters and the dims all of them replicate."""
+    tensor_module = sys.modules.get("torch.distributed.tensor")
+    if tensor_module is None:  # no DTensor can exist before its module is imported
+        return None
+    found = [
+        (p.device_mesh, p.placements)
+        for p in model.parameters()
+        if isinstance(p, tensor_module.DTensor)
+    ]
+    if not found:
+        return None
+    mesh = found[0][0]
+    if any(other != mesh for other, _ in found):  # e.g. TP on a sub-mesh beside FSDP
+        return max((m for m, _ in found), key=lambda m: m.ndim), set()
+    return mesh, {d for d in range(mesh.ndim) if all(pl[d].is_replicate() for _, pl in found)}
+
+
+def shard_samples(samples: Any, shard: Shard | None) -> Any:
+    """This rank's contiguous part of ``samples``; ``shard=None`` returns them unchanged.
+
+    Parts differ in size by at most one (the first ``len % size`` parts are one longer); nothing
+    is padded or repeated, so a rank may get no samples at all.
+
+    Args:
+        samples: a list, tuple (any ``Sequence``) or ``datasets.Dataset``.
+        shard: ``(rank, size)`` from :func:`dp_eval_sample_shard`, or None.
+
+    Returns:
+        The same kind of object holding this rank's samples, in their original order.
+    """
+    if shard is None:
+        return samples
+    rank, size = _check_shard(shard)
+    start, stop = _bounds(len(_sized(samples)), rank, size)
+    datasets = sys.modules.get("datasets")
+    if datasets is not None and isinstance(samples, datasets.Dataset):
+        return samples.select(range(start, stop))
+    return samples[start:stop]
+
+
+def _sized(samples: Any) -> Any:
+    datasets = sys.modules.get("datasets")
+    if isinstance(samples, Sequence) or (
+        datasets is not None and isinstance(samples, datasets.Dataset)
+    ):
+        return samples
+    raise TypeError(
+        f"samples: expected a list, tuple or datasets.Dataset, got {type(samples).__name__}"
+    )
+
+
+def _check_shard(shard: Any) -> Shard:
+    if not (
+        isinstance(shard, tuple)
+        and len(shard) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+    ):
+        raise TypeError(f"shard: expected None or a (rank, size) tuple of ints, got {shard!r}")
+    rank, size = shard
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"shard: expected 0 <= rank < size, got {shard}")
+    return rank, size
+
+
+def _bounds(n: int, rank: int, size: int) -> tuple[int, int]:
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def gather_sharded_results(results: Any, shard: Shard | None, group: Any = None) -> list[Any]:
+    """Every rank's per-sample results, back in the original sample order, on every rank.
+
+    The inverse of :func:`shard_samples`: one ``all_gather_object`` over ``group``, then the
+    parts are joined by shard index. Ranks that share a shard index (the ranks of one HSDP
+    replica) contribute one copy; a rank with no samples takes part like any other, so nobody
+    waits for it. An NCCL group gathers over its gloo side group (objects stay on the CPU).
+
+    Args:
+        results: this rank's results, one picklable item per sample of its shard.
+        shard: the same ``(rank, size)`` (or None) that :func:`shard_samples` was given.
+        group: the group every rank of the eval belongs to: None (the default group), an
+            Accelerator, a PartialState, a ProcessGroup or a DeviceMesh.
+
+    Returns:
+        All results as one list; ``results`` unchanged when ``shard`` is None.
+
+    Raises:
+        ValueError: the ranks' shards do not cover ``range(size)`` or disagree on ``size``
+            (raised on every rank alike).
+    """
+    if shard is None:
+        return results
+    rank, size = _check_shard(shard)
+    topo = resolve(group)
+    part = list(results)
+    if topo.group is None:
+        return _merge([(rank, size, part)], size)
+    gathered: list[Any] = [None] * topo.world_size
+    dist.all_gather_object(gathered, (rank, size, part), group=_object_group(topo.group))
+    return _merge(gathered, size)
+
+
+def _object_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    # all_gather_object on NCCL moves pickles through GPU tensors; gloo keeps them on the CPU.
+    if dist.get_backend(group) == "gloo":
+        return group
+    from accel_utils.barriers import _create_gloo_group
+
+    return _create_gloo_group(group)
+
+
+def _merge(entries: list[tuple[int, int, list[Any]]], size: int) -> list[Any]:
+    parts: dict[int, list[Any]] = {}
+    for index, their_size, part in entries:
+        if their_size != size:
+            raise ValueError(f"ranks disagree on the shard size ({their_size} vs {size})")
+        parts.setdefault(index, part)
+    missing = sorted(set(range(size)) - set(parts))
+    if missing:
+        raise ValueError(
+            f"no rank of the group holds shard(s) {missing} of {size}: pass every rank's shard "
+            "from dp_eval_sample_shard and a group that spans all of them"
+        )
+    return [item for index in range(size) for item in parts[index]]
