@@ -20,7 +20,9 @@ logger.addHandler(logging.NullHandler())
 _EXPORTS = {
     "BarrierTimeoutError": "accel_utils.errors",
     "FirstRankFailedError": "accel_utils.errors",
+    "FirstRankPerNode": "accel_utils.first_rank",
     "Topology": "accel_utils.topology",
+    "barrier_and_log": "accel_utils.barriers",
     "destroy_process_group": "accel_utils.lifecycle",
     "dp_eval_sample_shard": "accel_utils.eval_shard",
     "gather_sharded_results": "accel_utils.eval_shard",

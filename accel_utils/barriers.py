@@ -1,0 +1,291 @@
+"""Barriers on a cached gloo side channel: bounded waits that name the ranks that did not arrive.
+
+Each parent group (the default group, a subgroup, an Accelerator's group) gets one gloo side
+group, created on first use and reused by every later barrier and guard on that parent. Waits
+run there with their own timeout, so a long wait never trips the NCCL watchdog of the parent,
+and a little bookkeeping in the parent group's store (one counter per rank) tells who is
+missing when a wait fails. The store is only read on the failure path.
+
+Creating a side group is collective over the parent group's members (not the whole world):
+every member creates it on its first barrier or guard on that parent, so every member must make
+its barrier / guard calls on a parent in the same order. Non-members take no part.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from numbers import Real
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from accel_utils.errors import BarrierTimeoutError
+from accel_utils.topology import Topology, resolve
+
+logger = logging.getLogger(__name__)
+
+# How often a long wait wakes up to look at the store for a failure report (guards only).
+_POLL_S = 0.5
+# Our own deadline trails gloo's timeout, so that gloo ends the operation itself (none stays
+# pending) and we only fall back to the deadline where the timeout could not be set.
+_GRACE_S = 0.5
+_LOG_TIMEOUT = timedelta(minutes=30)  # torch's default process group timeout
+
+
+@dataclass(eq=False)
+class _SideChannel:
+    """A gloo group over one parent group's members, plus that group's share of the store."""
+
+    group: Any  # torch.distributed.ProcessGroupGloo, used directly (not registered globally)
+    store: Any  # a PrefixStore private to this side group
+    rank: int  # rank within the parent group
+    size: int
+    ranks: frozenset[int]  # the members' global ranks, to tell overlapping groups apart
+    memo: dict[str, Any] = field(default_factory=dict)  # per-channel facts (roster, probes)
+
+
+class _SideWaitFailed(RuntimeError):
+    """A side-channel wait ended without every rank arriving (timeout or a peer lost)."""
+
+    def __init__(self, timed_out: bool, cause: BaseException | None) -> None:
+        self.timed_out = timed_out
+        super().__init__(str(cause) if cause is not None else "deadline passed")
+
+
+# Side groups are only valid for one default group: a new init_process_group starts afresh.
+_world_seen: list[Any] = [None]
+_channels: dict[int, tuple[Any, _SideChannel]] = {}
+_generation: dict[str, int] = {}  # parent name -> side groups created, for fresh store prefixes
+
+
+def _as_timeout(timeout: Any) -> timedelta:
+    """A positive ``timedelta`` from a ``timedelta`` or a number of seconds."""
+    if isinstance(timeout, timedelta):
+        value = timeout
+    elif isinstance(timeout, Real) and not isinstance(timeout, bool):
+        value = timedelta(seconds=float(timeout))
+    else:
+        raise TypeError(f"timeout must be a datetime.timedelta or seconds; got {timeout!r}")
+    if value.total_seconds() <= 0:
+        raise ValueError(f"timeout must be positive; got {value}")
+    return value
+
+
+def _forget_stale() -> None:
+    world = dist.group.WORLD if dist.is_initialized() else None
+    if world is not _world_seen[0]:
+        _world_seen[0] = world
+        _channels.clear()
+        _generation.clear()
+
+
+def _side_channel(parent: dist.ProcessGroup, timeout: timedelta) -> _SideChannel | None:
+    _forget_stale()
+    hit = _channels.get(id(parent))
+    if hit is not None and hit[0]() is parent:
+        return hit[1]
+    name = parent.group_name
+    generation = _generation.get(name, 0)
+    try:
+        store = dist.PrefixStore(f"accel_utils/side/{name}/{generation}", parent.get_group_store())
+        rank, size = dist.get_rank(parent), dist.get_world_size(parent)
+        group = dist.ProcessGroupGloo(store, rank, size, timeout)  # connects to all members
+    except Exception as exc:  # noqa: BLE001 - the seed's contract: warn and return None
+        logger.warning("could not create a gloo side group for group %r: %s", name, exc)
+        return None
+    _generation[name] = generation + 1
+    channel = _SideChannel(group, store, rank, size, frozenset(dist.get_process_group_ranks(parent)))
+    _channels[id(parent)] = (weakref.ref(parent), channel)
+    logger.debug("created gloo side group %d for group %r", generation, name)
+    return channel
+
+
+def _drop(channel: _SideChannel) -> None:
+    """Stop using a side group whose last operation failed; the next use builds a fresh one."""
+    for key, (_, cached) in list(_channels.items()):
+        if cached is channel:
+            del _channels[key]
+
+
+def _create_gloo_group(group: Any = None, timeout: timedelta = _LOG_TIMEOUT) -> Any:
+    """The gloo side group of ``group``: created on first use, then cached and reused.
+
+    Collective over ``group``'s members the first time (see the module docstring).
+
+    Args:
+        group: anything :func:`accel_utils.resolve` accepts; ``None`` is the default group.
+        timeout: how long creating it waits for the other members.
+
+    Returns:
+        A ``torch.distributed.ProcessGroupGloo`` over ``group``'s members, or None when no
+        process group is initialised or the side group could not be created (with a warning).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    channel = _side_channel(resolve(group).group, _as_timeout(timeout))
+    return None if channel is None else channel.group
+
+
+def _channel(group: Any, timeout: timedelta) -> tuple[Topology, _SideChannel | None]:
+    """The caller's topology and, for more than one rank, the side channel of its group.
+
+    Creating the side channel (first use only) waits at most ``timeout`` for the members.
+    """
+    topo = resolve(group)
+    if topo.world_size == 1:
+        return topo, None
+    return topo, _side_channel(topo.group, timeout)
+
+
+def _set_timeout(group: Any, timeout: timedelta) -> None:
+    # A gloo group's timeout is fixed at creation unless reset; without this a wait that gave up
+    # would leave its operation pending until the late rank arrived.
+    setter = getattr(group, "set_timeout", None) or getattr(group, "_set_default_timeout", None)
+    if setter is None:
+        logger.debug("this torch cannot change a gloo group's timeout; relying on our deadline")
+        return
+    setter(timeout)
+
+
+def _arrive(channel: _SideChannel) -> int:
+    """Count this rank's arrival; returns the number of the operation it arrives at."""
+    return channel.store.add(f"arrived/{channel.rank}", 1)
+
+
+def _missing(channel: _SideChannel, seq: int) -> list[int]:
+    """The ranks that had not arrived at operation ``seq`` (empty if the store is gone)."""
+    try:
+        return [r for r in range(channel.size) if channel.store.add(f"arrived/{r}", 0) < seq]
+    except Exception:  # noqa: BLE001 - the store's host died: nobody can be named
+        return []
+
+
+def _exchange(
+    channel: _SideChannel,
+    tensor: torch.Tensor,
+    timeout: timedelta,
+    poll: Callable[[], None] | None = None,
+) -> None:
+    """Sum ``tensor`` over the side channel, waiting at most ``timeout``.
+
+    Args:
+        channel: the side channel.
+        tensor: a small CPU tensor, reduced in place.
+        timeout: how long to wait for the other ranks.
+        poll: called about every half second while waiting; it may raise to stop waiting.
+
+    Raises:
+        _SideWaitFailed: the deadline passed or a peer's connection was lost.
+    """
+    _set_timeout(channel.group, timeout)
+    work = channel.group.allreduce([tensor])
+    deadline = time.monotonic() + timeout.total_seconds() + _GRACE_S
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            work.wait(timedelta(seconds=max(min(_POLL_S, left), 0.001)))
+            return
+        except RuntimeError as exc:
+            if work.is_completed():  # gloo's own verdict, not our slice running out
+                try:
+                    work.wait()
+                    return
+                except RuntimeError as err:
+                    _drop(channel)
+                    raise _SideWaitFailed("Timed out" in str(err), err) from exc
+        if left <= 0:
+            _drop(channel)  # its operation may still be pending: never reuse it
+            raise _SideWaitFailed(True, None)
+        if poll is not None:
+            poll()
+
+
+def _barrier_with_timeout(timeout: Any, group: Any = None) -> bool:
+    """Wait until every rank of ``group`` arrives, or until ``timeout`` passes.
+
+    Waits on the gloo side group of ``group`` (never on an NCCL group). One small all-reduce.
+
+    Args:
+        timeout: a ``datetime.timedelta`` or seconds; must be positive.
+        group: anything :func:`accel_utils.resolve` accepts; ``None`` is the default group.
+
+    Returns:
+        True when all ranks arrived (at once for a single process); False otherwise, with a
+        warning that names the ranks that did not arrive.
+
+    Raises:
+        ValueError: ``timeout`` is not positive.
+        TypeError: ``timeout`` is neither a timedelta nor a number.
+    """
+    limit = _as_timeout(timeout)
+    topo, channel = _channel(group, limit)
+    if topo.world_size == 1:
+        return True
+    if channel is None:
+        logger.warning("barrier skipped: no gloo side group (see the warning above)")
+        return False
+    seq = _arrive(channel)
+    try:
+        _exchange(channel, torch.zeros(1), limit)
+    except _SideWaitFailed as err:
+        logger.warning("barrier failed on rank %d: %s", topo.rank, _why(channel, seq, err, limit))
+        return False
+    return True
+
+
+def _why(channel: _SideChannel, seq: int, err: _SideWaitFailed, limit: timedelta) -> str:
+    missing = _missing(channel, seq)
+    cause = f"timed out after {limit.total_seconds():g}s" if err.timed_out else f"lost a peer ({err})"
+    who = f"rank(s) {missing} did not arrive" if missing else "every rank had arrived"
+    return f"{cause}; {who}"
+
+
+def barrier_and_log(string: str, group: Any = None, *, timeout: Any = _LOG_TIMEOUT) -> None:
+    """Barrier, then one log record on rank 0 with the time, the wait and the last rank to arrive.
+
+    The last rank is read from an arrival counter in the job's store, not from clocks.
+
+    Args:
+        string: the message to log.
+        group: anything :func:`accel_utils.resolve` accepts (an ``Accelerator`` too).
+        timeout: how long to wait for the other ranks (torch's default: 30 minutes).
+
+    Raises:
+        BarrierTimeoutError: some ranks did not arrive in time (names them).
+        RuntimeError: the side group could not be created, or a peer was lost.
+    """
+    limit = _as_timeout(timeout)
+    start = time.monotonic()
+    topo = resolve(group)
+    last = 0
+    if topo.world_size > 1:
+        # counted in the parent's store, before the side group exists on a first call
+        store = dist.PrefixStore("accel_utils/log", topo.group.get_group_store())
+        if store.add("arrivals", 1) % topo.world_size == 0:
+            store.set("last", str(topo.rank))
+        channel = _side_channel(topo.group, limit)
+        if channel is None:
+            raise RuntimeError("barrier_and_log: no gloo side group (see the warning above)")
+        seq = _arrive(channel)
+        try:
+            _exchange(channel, torch.zeros(1), limit)
+        except _SideWaitFailed as err:
+            if err.timed_out:
+                raise BarrierTimeoutError(_missing(channel, seq), limit.total_seconds(),
+                                          "barrier_and_log") from err
+            raise RuntimeError(f"barrier_and_log: {_why(channel, seq, err, limit)}") from err
+        if topo.rank == 0:
+            last = int(store.get("last"))
+    if topo.rank == 0:
+        logger.info(
+            "[%s] %s (barrier took %.3fs; last to arrive: rank %d)",
+            datetime.now().isoformat(timespec="milliseconds"),
+            string,
+            time.monotonic() - start,
+            last,
+        )
