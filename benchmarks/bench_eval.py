@@ -18,8 +18,7 @@ import torch
 import torch.distributed as dist
 
 import accel_utils
-from accel_utils import resolve
-from accel_utils.eval_shard import dp_eval_sample_shard, gather_sharded_results, shard_samples
+from accel_utils import dp_eval_sample_shard, gather_sharded_results, resolve, shard_samples
 
 PAD = 0
 
