@@ -1,0 +1,191 @@
+"""Fine-tune a tiny causal LM with gradient accumulation: the accel-utils main job.
+
+A Llama-style model built from a ``transformers`` config (random weights, nothing downloaded)
+learns arithmetic token sequences from a ``datasets`` dataset generated and tokenised here; the
+first rank of each node prepares the dataset while the others wait, then load it. Each optimizer
+step accumulates ``--grad-accum`` micro-batches inside ``get_sync_ctx`` (one gradient
+reduction per step) and normalises by the global token count that ``reduce_loss`` returns (one
+collective per step).
+
+    torchrun --nproc_per_node 2 examples/train_tiny_lm.py [--fsdp2] [--steps 30]
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no --main_process_port 29501 examples/train_tiny_lm.py [--fsdp2]
+
+On a machine without GPUs the script runs on CPU (``Accelerator(cpu=True)``, gloo); with GPUs it
+runs unchanged on them. The main process shows a progress bar and ends with one line:
+``SUMMARY steps=.. tokens=.. first_loss=.. final_loss=.. tokens_per_s=..``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from datasets import Dataset, load_from_disk
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from accel_utils import destroy_process_group, get_sync_ctx, reduce_loss
+
+PAD = 0
+VOCAB = 64
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps")
+    parser.add_argument("--grad-accum", type=int, default=4, help="micro-batches per step")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    parser.add_argument("--seq-len", type=int, default=32, help="longest sequence")
+    parser.add_argument("--num-samples", type=int, default=2048)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fsdp2", action="store_true", help="shard with FSDP2 instead of DDP")
+    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "accel_utils_examples"),
+                        help="where the tokenised dataset is kept (node-local is fine)")
+    return parser.parse_args()
+
+
+def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+    return {"input_ids": [[int(tok) for tok in text.split()] for text in batch["text"]]}
+
+
+def build_dataset(args: argparse.Namespace) -> None:
+    """Generate "text" of arithmetic sequences, tokenise it, save it: the slow, once-per-node part."""
+    g = torch.Generator().manual_seed(args.seed)
+    texts = []
+    for _ in range(args.num_samples):
+        length = int(torch.randint(args.seq_len // 2, args.seq_len + 1, (), generator=g))
+        start, step = (int(x) for x in torch.randint(1, 8, (2,), generator=g))
+        texts.append(" ".join(str(1 + (start + i * step) % (VOCAB - 1)) for i in range(length)))
+    dataset = Dataset.from_dict({"text": texts}).map(tokenize, batched=True, remove_columns=["text"])
+    path = dataset_path(args)
+    tmp = f"{path}.tmp{os.getpid()}"
+    dataset.save_to_disk(tmp)
+    try:
+        os.replace(tmp, path)  # atomic: a reader never sees half a dataset
+    except OSError:  # another job saved it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def dataset_path(args: argparse.Namespace) -> str:
+    return os.path.join(args.cache_dir, f"tiny_lm_n{args.num_samples}_l{args.seq_len}_s{args.seed}")
+
+
+def load_dataset(args: argparse.Namespace, accelerator: Accelerator) -> Dataset:
+    os.makedirs(args.cache_dir, exist_ok=True)
+    with accelerator.local_main_process_first():  # each node's first rank builds the cache
+        if not os.path.isdir(dataset_path(args)):
+            build_dataset(args)
+    return load_from_disk(dataset_path(args))
+
+
+def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), PAD)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+    labels = ids.masked_fill(ids == PAD, -100)  # padding carries no loss: uneven token counts
+    return {"input_ids": ids, "attention_mask": (ids != PAD).long(), "labels": labels}
+
+
+def build_model(args: argparse.Namespace) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=args.seq_len,
+        pad_token_id=PAD, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def shard_fsdp2(model: LlamaForCausalLM, accelerator: Accelerator) -> LlamaForCausalLM:
+    """FSDP2 per decoder layer, then the root (torch's API: Accelerate ignores its FSDP plugin on CPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    model.to(accelerator.device)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's real tokens (normalised later, globally)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(args.seed)  # the same initial weights on every rank
+    dataset = load_dataset(args, accelerator)
+    model = build_model(args)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)
+    if args.fsdp2:
+        model = shard_fsdp2(model, accelerator)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        optimizer, loader = accelerator.prepare(optimizer, loader)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model.train()
+
+    batches = iter(())
+    losses: list[float] = []
+    total_tokens = 0
+    bar = tqdm(total=args.steps, desc="train", disable=not accelerator.is_main_process, file=sys.stderr)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        store, tokens = [], 0
+        for micro in range(args.grad_accum):
+            batch = next(batches, None)
+            if batch is None:  # a new epoch
+                batches = iter(loader)
+                batch = next(batches)
+            # forward and backward inside the context: only the last micro-batch syncs gradients
+            with get_sync_ctx(model, micro == args.grad_accum - 1):
+                loss = loss_sum(model, batch)
+                loss.backward()
+            store.append(loss.detach())
+            tokens += int((batch["labels"][:, 1:] != -100).sum())
+        loss_total, denom = reduce_loss(store, tokens, dp_group=accelerator)
+        # DDP and FSDP2 average gradients over ranks; turn that into the global per-token mean
+        scale = accelerator.num_processes / denom.item()
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append((loss_total / denom).item())
+        total_tokens += int(denom)
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    elapsed = time.perf_counter() - start
+    bar.close()
+    if accelerator.is_main_process:
+        sys.stdout.write(
+            f"SUMMARY steps={args.steps} tokens={total_tokens} first_loss={losses[0]:.4f} "
+            f"final_loss={losses[-1]:.4f} tokens_per_s={total_tokens / elapsed:.0f}\n"
+        )
+    destroy_process_group()  # barrier, then teardown: two-process jobs otherwise abort at exit
+
+
+if __name__ == "__main__":
+    main()

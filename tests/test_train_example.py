@@ -1,0 +1,47 @@
+"""The main job, examples/train_tiny_lm.py, in both launch modes: exits 0 and its loss falls."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+
+from tests.harness import free_port, launch_env, run_commands, run_torchrun
+
+SHORT = ["--steps", "12", "--num-samples", "256"]
+
+
+def _summary(runs, cache_dir) -> dict[str, float]:
+    (run,) = runs
+    assert run.returncode == 0, run.output[-6000:]
+    assert "terminate called" not in run.output
+    lines = [l for l in run.stdout.splitlines() if l.startswith("SUMMARY ")]
+    assert len(lines) == 1, run.output[-6000:]  # the main process only
+    fields = dict(re.findall(r"(\w+)=([\d.]+)", lines[0]))
+    assert int(fields["steps"]) == 12 and int(fields["tokens"]) > 0
+    assert float(fields["tokens_per_s"]) > 0
+    assert any(p.name.startswith("tiny_lm_") for p in cache_dir.iterdir())  # prepared once, kept
+    return {k: float(v) for k, v in fields.items()}
+
+
+@pytest.mark.timeout(150)
+def test_torchrun_ddp_loss_falls(tmp_path) -> None:
+    env = launch_env(HF_HOME=str(tmp_path / "hf"))
+    runs = run_torchrun(["examples/train_tiny_lm.py", *SHORT, "--cache-dir", str(tmp_path)],
+                        nproc_per_node=2, timeout=120, env=env)
+    fields = _summary(runs, tmp_path)
+    assert fields["final_loss"] < 0.85 * fields["first_loss"], fields
+
+
+@pytest.mark.timeout(150)
+def test_accelerate_launch_fsdp2_loss_falls(tmp_path) -> None:
+    env = launch_env(HF_HOME=str(tmp_path / "hf"))  # no user accelerate config leaks in
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        "examples/train_tiny_lm.py", "--fsdp2", *SHORT, "--cache-dir", str(tmp_path),
+    ]
+    fields = _summary(run_commands([cmd], timeout=120, env=env), tmp_path)
+    assert fields["final_loss"] < 0.85 * fields["first_loss"], fields
