@@ -354,7 +354,8 @@ def _object_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
         return group
     from accel_utils.barriers import _create_gloo_group
 
-    return _create_gloo_group(group)
+    side = _create_gloo_group(group)
+    return side if side is not None else group  # none could be made (it warned): use the group
 
 
 def _merge(entries: list[tuple[int, int, list[Any]]], size: int) -> list[Any]:
