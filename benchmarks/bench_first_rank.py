@@ -1,7 +1,7 @@
 """Benchmark 2: a first-rank guard around an empty block.
 
 Floor: one small all-reduce and one barrier on a gloo group, what a guard that reports failures
-needs at the least. Peers: Accelerate's ``local_main_process_first()`` (a barrier on each side,
+needs at the least (the bare all-reduce is shown as well). Peers: Accelerate's ``local_main_process_first()`` (a barrier on each side,
 no failure reporting) and the seed's shape, which builds and destroys a gloo group for every
 barrier.
 """
@@ -62,6 +62,8 @@ def variants(accelerator: Any, gloo: dist.ProcessGroup, local_rank: int) -> list
 
     out = [
         Variant("floor", "floor: all_reduce(1 element) + barrier (gloo)", floor, 50),
+        Variant("allreduce", "all_reduce(1 element) alone (gloo)",
+                lambda: dist.all_reduce(flag, group=gloo), 50),
         Variant("accelerate", "Accelerate local_main_process_first()", accelerate_guard, 50),
         Variant("seed", "seed shape: new gloo group per barrier", seed_guard, 3),
     ]

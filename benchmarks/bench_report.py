@@ -116,30 +116,38 @@ def markdown(results: dict) -> str:
 
 
 def chart(results: dict, path: str) -> None:
-    """One PNG: a panel per benchmark, the ratio of each variant per world size (log scale)."""
+    """One PNG: a panel per benchmark, each variant's ratio to the reference, per world size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kinds = [k for k in TITLES if any(r["benchmark"] == k for r in results["records"])]
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(9, 2.2 + 1.6 * len(kinds)), squeeze=False)
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(9, 1.2 + 1.9 * len(kinds)), squeeze=False)
     for ax, kind in zip(axes[:, 0], kinds):
         recs = [r for r in results["records"] if r["benchmark"] == kind]
         labels = list(dict.fromkeys(row["label"] for r in recs for row in r["rows"]))
         height = 0.8 / len(recs)
+        top = max(row["ratio"] for r in recs for row in r["rows"])
         for j, rec in enumerate(recs):
             ratios = {row["label"]: row["ratio"] for row in rec["rows"]}
             ys = [i + j * height for i, label in enumerate(labels) if label in ratios]
-            ax.barh(ys, [ratios[label] for label in labels if label in ratios], height=height,
-                    label=f"{rec['world_size']} proc, {rec['backend']}")
+            values = [ratios[label] for label in labels if label in ratios]
+            ax.barh(ys, values, height=height, label=f"{rec['world_size']} proc, {rec['backend']}")
+            for y, value in zip(ys, values):
+                ax.text(value, y, f" {value:.2f}x", va="center", fontsize=6)
         ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xscale("log")
+        if top > 5:  # the seed's guard is tens of times the floor: log scale keeps the rest legible
+            ax.set_xscale("log")
+            ax.set_xlim(right=top * 3)
+        else:
+            ax.set_xlim(0, top * 1.2)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_title(TITLES[kind], fontsize=9, loc="left")
-        ax.legend(fontsize=7, loc="lower right")
-    axes[-1, 0].set_xlabel("time / reference time (log scale; reference = first row = 1)")
+        ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.0, 1.25), ncol=len(recs),
+                  frameon=False)
+    axes[-1, 0].set_xlabel("time / reference time (reference = first row of each panel = 1)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -101,7 +101,7 @@ def _eval_record(settings: dict, tmp: str, timeout: float) -> dict:
     variants = [
         Variant("unsharded", f"1 process scores all {n} samples", lambda: None,
                 extra={"threads_per_process": alone["threads_per_process"]}),
-        Variant("accel_utils", f"2 processes, {n // 2} samples each (dp_eval_sample_shard)",
+        Variant("accel_utils", f"2 procs x {n // 2} samples, dp_eval_sample_shard",
                 lambda: None, extra={"threads_per_process": sharded["threads_per_process"],
                                      "outputs_match": alone["outputs_sha1"] ==
                                      sharded["outputs_sha1"]}),
