@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from accel_utils import destroy_process_group, get_sync_ctx, reduce_loss
+from accel_utils import FirstRankPerNode, destroy_process_group, get_sync_ctx, reduce_loss
 
 PAD = 0
 VOCAB = 64
@@ -83,8 +83,10 @@ def dataset_path(args: argparse.Namespace) -> str:
 
 def load_dataset(args: argparse.Namespace, accelerator: Accelerator) -> Dataset:
     os.makedirs(args.cache_dir, exist_ok=True)
-    with accelerator.local_main_process_first():  # each node's first rank builds the cache
-        if not os.path.isdir(dataset_path(args)):
+    # Each node's first rank builds the node-local cache while the others wait; if it fails,
+    # every rank raises FirstRankFailedError instead of hanging or reading half a dataset.
+    with FirstRankPerNode(accelerator) as first:
+        if first and not os.path.isdir(dataset_path(args)):
             build_dataset(args)
     return load_from_disk(dataset_path(args))
 
