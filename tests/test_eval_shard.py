@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import types
@@ -64,18 +65,27 @@ def _metric(samples, results) -> float:
     return sum(hits) / max(1, NEW * len(results))
 
 
-def _eval(model, generating_model, samples) -> dict:
-    shard = dp_eval_sample_shard(model)
-    mine = shard_samples(samples, shard)
-    calls = []
-    real = generating_model.generate
+@contextlib.contextmanager
+def _counted(owner, name: str):
+    """Count the calls of ``owner.<name>``; the real function runs."""
+    real, calls = getattr(owner, name), []
 
-    def counting(*args, **kwargs):  # counts calls; the real generate runs
+    def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    generating_model.generate = counting
-    local = _score(generating_model, mine, synced_gpus=shard is None)
+    setattr(owner, name, counting)
+    try:
+        yield calls
+    finally:
+        setattr(owner, name, real)
+
+
+def _eval(model, generating_model, samples) -> dict:
+    shard = dp_eval_sample_shard(model)
+    mine = shard_samples(samples, shard)
+    with _counted(generating_model, "generate") as calls:
+        local = _score(generating_model, mine, synced_gpus=shard is None)
     results = gather_sharded_results(local, shard)
     return {"shard": shard, "mine": [sid for sid, _ in mine], "ids": [sid for sid, _ in results],
             "metric": _metric(samples, results), "calls": len(calls)}
@@ -398,16 +408,8 @@ def test_merge_inverts_shard_samples(samples, size) -> None:
 def _gather_property() -> int:
     # Every rank draws the same examples (derandomized), so each example is one collective call.
     rank, world = dist.get_rank(), dist.get_world_size()
-    calls = []
-    real = dist.all_gather_object
-
-    def counting(*args, **kwargs):  # counts calls; the real collective runs
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    dist.all_gather_object = counting
     examples = []
-    try:
+    with _counted(dist, "all_gather_object") as calls:
         @settings(max_examples=25, deadline=None, derandomize=True, database=None)
         @given(st.lists(st.one_of(st.integers(), st.text(max_size=3), st.none()), max_size=7))
         def check(samples):
@@ -418,8 +420,6 @@ def _gather_property() -> int:
             examples.append(1)
 
         check()
-    finally:
-        dist.all_gather_object = real
     assert len(calls) == len(examples)  # one collective per gather
     return len(examples)
 
