@@ -99,7 +99,8 @@ def get_sync_ctx(
     for part in parts:
         if not isinstance(part, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or a list of them; got {type(part).__name__}")
-    if accelerator is not None and str(getattr(accelerator, "distributed_type", "")) == "DEEPSPEED":
+    # DistributedType is a str enum: equal to its value, though str() of it is not
+    if accelerator is not None and getattr(accelerator, "distributed_type", None) == "DEEPSPEED":
         return nullcontext()
     if not resolve().distributed_enabled:
         return nullcontext()

@@ -11,8 +11,8 @@ collective per step).
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
         --dynamo_backend no --main_process_port 29501 examples/train_tiny_lm.py [--fsdp2]
 
-On a machine without GPUs the script runs on CPU (``Accelerator(cpu=True)``, gloo); with GPUs it
-runs unchanged on them. The main process shows a progress bar and ends with one line:
+Without a GPU per process the script runs on CPU (``Accelerator(cpu=True)``, gloo); with one GPU
+per process it runs unchanged on them (NCCL). The main process shows a progress bar and ends with one line:
 ``SUMMARY steps=.. tokens=.. first_loss=.. final_loss=.. tokens_per_s=..``.
 """
 
@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from accel_utils import FirstRankPerNode, destroy_process_group, get_sync_ctx, reduce_loss
+from accel_utils.topology import launcher_env
 
 PAD = 0
 VOCAB = 64
@@ -133,9 +134,14 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     )
 
 
+def use_cpu() -> bool:
+    """CPU (gloo) unless each process on this node gets a GPU of its own (NCCL cannot share one)."""
+    return torch.cuda.device_count() < int(launcher_env().get("LOCAL_WORLD_SIZE", "1"))
+
+
 def main() -> None:
     args = parse_args()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=use_cpu())
     set_seed(args.seed)  # the same initial weights on every rank
     dataset = load_dataset(args, accelerator)
     model = build_model(args)

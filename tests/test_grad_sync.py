@@ -161,8 +161,10 @@ def _ddp_wrappers() -> dict:
     with get_sync_ctx(prepared, None, accelerator=acc):
         seen["acc_final"] = prepared.require_backward_grad_sync
 
-    class DeepSpeedStandIn:  # a DeepSpeed run cannot exist on CPU: only its type name matters
-        distributed_type = "DEEPSPEED"
+    from accelerate.utils import DistributedType
+
+    class DeepSpeedStandIn:  # a DeepSpeed Accelerator cannot exist on CPU: a stand-in with its type
+        distributed_type = DistributedType.DEEPSPEED
         sync_gradients = False
 
     with get_sync_ctx(ddp, None, accelerator=DeepSpeedStandIn()):
