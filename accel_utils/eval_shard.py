@@ -28,32 +28,14 @@ Shard = tuple[int, int]
 REPLICATED, SHARDED, HYBRID = "replicated", "sharded", "hybrid"
 
 # Names (strings, DistributedType values, config class names), compared without "_", "-", case.
+_MULTI_DEVICES = ("cpu", "gpu", "npu", "mlu", "sdaa", "musa", "xpu", "hpu", "neuron")
 _KINDS = {
-    "ddp": REPLICATED,
-    "deepspeedzero0": REPLICATED,
-    "deepspeedzero1": REPLICATED,
-    "deepspeedzero2": REPLICATED,
-    "deepspeedzero3": SHARDED,
-    "fsdp": SHARDED,
-    "fsdp1": SHARDED,
-    "fsdp2": SHARDED,
-    "megatronfsdp": SHARDED,
-    "tp": SHARDED,
+    **dict.fromkeys(("ddp", "deepspeedzero0", "deepspeedzero1", "deepspeedzero2"), REPLICATED),
+    **dict.fromkeys(("fsdp", "fsdp1", "fsdp2", "deepspeedzero3", "megatronfsdp", "tp"), SHARDED),
     "hsdp": HYBRID,
-    # accelerate.DistributedType values
-    "no": REPLICATED,
-    "multicpu": REPLICATED,
-    "multigpu": REPLICATED,
-    "multinpu": REPLICATED,
-    "multimlu": REPLICATED,
-    "multisdaa": REPLICATED,
-    "multimusa": REPLICATED,
-    "multixpu": REPLICATED,
-    "multihpu": REPLICATED,
-    "multineuron": REPLICATED,
-    "xla": REPLICATED,
-    "deepspeed": SHARDED,  # the ZeRO stage is unknown: lockstep is the safe answer
-    "megatronlm": SHARDED,
+    # accelerate.DistributedType values; DEEPSPEED alone does not say the ZeRO stage: lockstep
+    **dict.fromkeys(("no", "xla", *(f"multi{d}" for d in _MULTI_DEVICES)), REPLICATED),
+    **dict.fromkeys(("deepspeed", "megatronlm"), SHARDED),
 }
 _NON_DP_DIMS = ("tp", "cp", "sp", "pp", "ep")
 

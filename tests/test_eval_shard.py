@@ -327,6 +327,8 @@ def test_distributed_type_forms() -> None:
     for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         assert dp_eval_sample_shard(sharded, 2, 3) is None
     assert dp_eval_sample_shard(DistributedType.NO) is None
+    for every in DistributedType:  # a new Accelerate value must not turn into a TypeError
+        assert dp_eval_sample_shard(every, 0, 2) in ((0, 2), None)
 
 
 def test_parallelism_config_forms() -> None:
