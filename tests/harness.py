@@ -355,11 +355,13 @@ def run_torchrun(
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
     cwd: str | None = None,
+    node_args: list[list[str]] | None = None,
 ) -> list[NodeRun]:
     """Run ``target`` (``["script.py", ...]`` or ``["-m", "module", ...]``) under torchrun.
 
     With ``nnodes > 1`` one torchrun per simulated node runs side by side on 127.0.0.1, as
     ``--nnodes N --node_rank i``; workers then see ``GROUP_RANK`` 0..N-1 on the same host.
+    ``node_args[i]``, if given, is appended to ``target`` on node ``i`` only.
     """
     port = free_port()
     commands = [
@@ -367,7 +369,7 @@ def run_torchrun(
             sys.executable, "-m", "torch.distributed.run",
             f"--nnodes={nnodes}", f"--node_rank={node}", f"--nproc_per_node={nproc_per_node}",
             "--master_addr=127.0.0.1", f"--master_port={port}", "--max_restarts=0",
-            *target,
+            *target, *(node_args[node] if node_args else []),
         ]
         for node in range(nnodes)
     ]

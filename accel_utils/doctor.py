@@ -1,0 +1,363 @@
+"""``python -m accel_utils.doctor``: what every rank of a launch thinks it is, in one table.
+
+Launch it exactly like the job (``torchrun ... -m accel_utils.doctor --path /data/cache``,
+``accelerate launch ... -m accel_utils.doctor``, or as one plain process). Every rank resolves its
+own topology with :func:`accel_utils.topology.resolve` and sends it over the library's gloo side
+channel; every rank then reaches the same verdicts (:mod:`accel_utils.doctor_report`) and rank 0
+prints them. Exit code 0 when nothing is a problem, 1 when something is (or a rank failed or did
+not answer in time), 2 on bad arguments.
+
+The doctor computes nothing of its own: ranks, nodes and devices come from ``topology``, the side
+channel from ``barriers``, the shared-directory verdict from ``first_rank.path_is_shared`` (the
+routine behind ``FirstRankPerNode(local="auto")``). Only :func:`main` prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from accel_utils import topology
+from accel_utils.barriers import _barrier_with_timeout, _create_gloo_group
+from accel_utils.doctor_report import TRIES, Report, checks, render
+from accel_utils.first_rank import path_is_shared
+from accel_utils.lifecycle import destroy_process_group
+
+_BEAT_S = 0.2  # heartbeat period of every rank
+_GRACE_S = 1.5  # how long rank 0 watches the heartbeats before naming a dead rank
+
+
+# ----------------------------------------------------------------------------- this rank's facts
+
+
+def _path_facts(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    if not os.path.isdir(path):
+        return {"writable": False, "free_bytes": None, "error": "does not exist (or not a directory)"}
+    try:  # the way a cache writer finds out: create a file
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".accel_utils_doctor_"):
+            pass
+        error = None
+    except OSError as exc:
+        error = f"not writable ({exc.strerror or exc})"
+    return {"writable": error is None, "free_bytes": shutil.disk_usage(path).free, "error": error}
+
+
+def _accelerate_facts(mode: str) -> dict:
+    if mode == "off":
+        return {"skip": "--accelerate off"}
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        return {"skip": "accelerate is not installed"}
+    cpu = mode == "cpu" or (mode == "auto" and not torch.cuda.is_available())
+    call = f"PartialState(cpu={cpu})"
+    try:
+        state = PartialState(cpu=cpu)
+    except Exception as exc:  # noqa: BLE001 - a state that cannot be built is the finding
+        return {"call": call, "error": f"{type(exc).__name__}: {exc}"}
+    return {
+        "call": call,
+        "type": str(state.distributed_type).rsplit(".", 1)[-1],
+        "num_processes": state.num_processes,
+        "process_index": state.process_index,
+        "local_process_index": state.local_process_index,
+    }
+
+
+def _gpu(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.name} {props.uuid}"  # the UUID tells physical GPUs apart across CUDA_VISIBLE_DEVICES
+
+
+def _row(topo: topology.Topology, args: argparse.Namespace) -> dict:
+    nodes = topo.nodes
+    return {
+        "rank": topo.rank,
+        "world_size": topo.world_size,
+        "node": nodes.node_rank,
+        "num_nodes": nodes.num_nodes,
+        "local_rank": nodes.local_rank,
+        "local_world_size": nodes.local_world_size,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": str(topo.device),
+        "gpu": _gpu(topo.device),
+        "backend": topo.backend,
+        "accelerate": _accelerate_facts(args.accelerate),
+        "launcher": topology.launcher_env(),
+        "path": _path_facts(args.path),
+    }
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+class _Watch:
+    """Each rank's progress in the job's store, so that rank 0 can say which rank failed and why.
+
+    A rank that raises records why and raises an alarm; a rank that dies cannot, so every rank
+    bumps a heartbeat counter a few times a second and a counter that stops moving marks a dead
+    or frozen process (gloo's "Connection closed by peer" names an address, not a rank). The
+    heartbeat thread also ends any step that outlives the timeout, and on rank 0 it answers the
+    alarm at once instead of waiting out its own collective.
+    """
+
+    def __init__(self, topo: topology.Topology, timeout: timedelta,
+                 report: Callable[[list[str]], None]) -> None:
+        store = dist.distributed_c10d._get_default_store()  # private: the job's key-value store
+        self._store = dist.PrefixStore("accel_utils/doctor", store)
+        self._rank, self._size, self._report = topo.rank, topo.world_size, report
+        self._limit = timeout.total_seconds() + 1.0  # gloo's own timeout, with its message, first
+        self._lock = threading.Lock()
+        self._done = False
+        self.enter("starting")
+        self._store.set(f"where/{self._rank}", f"node {topo.nodes.node_rank}, {socket.gethostname()}")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="doctor-watch", daemon=True)
+        self._thread.start()
+
+    def enter(self, stage: str) -> None:
+        self.stage, self._since = stage, time.monotonic()
+        self._store.set(f"stage/{self._rank}", stage)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(_BEAT_S):
+            try:
+                self._store.add(f"beat/{self._rank}", 1)
+                alarm = self._rank == 0 and self._store.check(["alarm"])
+            except Exception:  # noqa: BLE001 - the store is gone: the job is ending
+                return
+            if time.monotonic() - self._since > self._limit:
+                self.fail(f"waited {self._limit - 1:g}s while {self.stage}", raised=False)
+            elif alarm:
+                self.fail(f"was waiting while {self.stage}", raised=False)
+
+    def finish(self) -> None:
+        """The checks completed: stop watching (unless a failure report has already begun)."""
+        with self._lock:
+            lost, self._done = self._done, True
+        if not lost:
+            self._stop.set()
+        self._thread.join()  # after a lost race the watch thread ends the process itself
+
+    def fail(self, why: str, *, raised: bool) -> None:
+        """Report this rank's failure (rank 0: with the others') and end the process with 1."""
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        mine = f"rank {self._rank} {why}"
+        try:
+            if raised:
+                self._store.set(f"error/{self._rank}", f"{why}")
+            self._store.add("alarm", 1)
+            if self._rank == 0:
+                self._report([*self._survey(), mine])
+                self._store.set("reported", "1")
+            else:
+                self._report([mine])
+                # torchrun stops a node's other workers when one exits: let rank 0 finish first
+                self._store.wait(["reported"], timedelta(seconds=_GRACE_S + 10))
+        except Exception:  # noqa: BLE001 - the store's host is gone: nobody is left to tell
+            pass
+        os._exit(1)
+
+    def _get(self, key: str) -> str | None:
+        return self._store.get(key).decode() if self._store.check([key]) else None
+
+    def _survey(self) -> list[str]:
+        others = [r for r in range(self._size) if r != self._rank]
+        before = {r: self._store.add(f"beat/{r}", 0) for r in others}
+        time.sleep(_GRACE_S)
+        died, raised = [], []
+        for r in others:
+            who = f"rank {r} ({self._get(f'where/{r}') or 'never started'})"
+            error = self._get(f"error/{r}")
+            if error is not None:
+                raised.append(f"{who} {error}")
+            elif self._store.add(f"beat/{r}", 0) == before[r]:
+                stage = self._get(f"stage/{r}") or "starting"
+                died.append(f"{who} died or froze while {stage} (no heartbeat for {_GRACE_S:g}s)")
+        return died + raised
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _init_group(timeout: timedelta) -> None:
+    env = topology.launcher_env()
+    if "WORLD_SIZE" not in env:  # one plain process
+        return
+    backend = "gloo"
+    if torch.cuda.is_available():  # what a job does: NCCL, one GPU per local rank
+        backend = "nccl"
+        local_rank = int(env.get("LOCAL_RANK", "0"))
+        if local_rank < torch.cuda.device_count():  # else the CUDA check reports the shared GPU
+            torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, timeout=timeout)
+
+
+def _all_gather(side: Any, obj: Any, size: int, timeout: timedelta) -> list[Any]:
+    """``obj`` (JSON-able) from every rank of the side group, in rank order."""
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+    side.allgather(lengths, torch.tensor([data.numel()]), timeout=timeout).wait()
+    padded = torch.zeros(int(max(lengths)), dtype=torch.uint8)
+    padded[: data.numel()] = data
+    out = [torch.zeros_like(padded) for _ in range(size)]
+    side.allgather(out, padded, timeout=timeout).wait()
+    return [json.loads(bytes(o[: int(n)].tolist())) for o, n in zip(out, lengths)]
+
+
+def _time_side_channel(side: Any, timeout: timedelta) -> dict[str, float]:
+    samples: dict[str, list[float]] = {"barrier": [], "all_reduce": []}
+    tensor = torch.zeros(1)
+    for _ in range(TRIES):
+        start = time.perf_counter()
+        if not _barrier_with_timeout(timeout):
+            raise RuntimeError("a side-channel barrier did not complete (a peer was lost, or "
+                               f"{timeout.total_seconds():g}s passed)")
+        samples["barrier"].append((time.perf_counter() - start) * 1e3)
+    for _ in range(TRIES):
+        start = time.perf_counter()
+        side.allreduce(tensor, timeout=timeout).wait()
+        samples["all_reduce"].append((time.perf_counter() - start) * 1e3)
+    return {op: statistics.median(ms) for op, ms in samples.items()}
+
+
+def _collect(report: Report, row: dict, topo: topology.Topology, args: argparse.Namespace,
+             timeout: timedelta, watch: _Watch) -> None:
+    watch.enter("creating the gloo side group")
+    side = _create_gloo_group()
+    if side is None:
+        raise RuntimeError("no gloo side group could be created (see the warning above)")
+    watch.enter("gathering the rows")
+    report.rows = _all_gather(side, row, topo.world_size, timeout)
+    shared = None
+    num_nodes = len({r["node"] for r in report.rows})  # every rank decides from the same rows
+    if args.path is not None and num_nodes > 1 and all(r["path"]["writable"] for r in report.rows):
+        watch.enter("testing whether --path is shared between nodes")
+        shared = path_is_shared(args.path, timeout=timeout)
+    watch.enter("timing the side channel")
+    timings = _time_side_channel(side, timeout)
+    watch.enter("gathering the timings")
+    timings = _all_gather(side, timings, topo.world_size, timeout)
+    report.checks = checks(report.rows, args.path, shared, timings)
+
+
+def run(args: argparse.Namespace, emit: Callable[[Report], None]) -> Report:
+    """Join the launch (if any), check it, and hand the report (the same on every rank) to emit.
+
+    A failure of any rank ends this process with exit code 1 after emitting the report.
+    """
+    timeout = timedelta(seconds=args.timeout)
+    try:
+        _init_group(timeout)
+    except Exception as exc:  # noqa: BLE001 - no group, so every rank reports for itself
+        report = Report(failures=[f"no process group within {args.timeout:g}s: {_first_line(exc)} "
+                                  "-> check that every rank was launched and that MASTER_ADDR:"
+                                  "MASTER_PORT is reachable from every node"])
+        emit(report)
+        return report
+    topo = topology.resolve()
+    report = Report(rank=topo.rank)
+    row = _row(topo, args)  # before the watch starts: importing accelerate may take seconds
+    if topo.world_size == 1:
+        report.rows = [row]
+        report.checks = checks(report.rows, args.path, None, None)
+        emit(report)
+        return report
+
+    def report_failures(failures: list[str]) -> None:
+        report.failures = failures
+        emit(report)
+
+    watch = _Watch(topo, timeout, report_failures)
+    try:
+        _collect(report, row, topo, args, timeout, watch)
+    except Exception as exc:  # noqa: BLE001 - any rank's failure is the finding
+        watch.fail(f"failed while {watch.stage}: {_first_line(exc)}", raised=True)
+    watch.finish()
+    emit(report)
+    return report
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="accel-utils-doctor",
+        description="Launch it like your job (torchrun / accelerate launch / one process): every "
+        "rank's topology in one table, then checks of the launcher's variables, Accelerate's "
+        "state, a cache directory, the gloo side channel and the CUDA devices. Exit code 0: all "
+        "good; 1: a problem (or a rank failed); 2: bad arguments.",
+    )
+    parser.add_argument("--path", help="a cache directory: writable on every rank? shared by nodes?")
+    parser.add_argument("--timeout", type=_positive_seconds, default=60.0,
+                        help="seconds any step may wait for the other ranks (default 60)")
+    parser.add_argument("--json", metavar="FILE", help="also write the report to FILE (rank 0)")
+    parser.add_argument("--accelerate", choices=("auto", "cpu", "default", "off"), default="auto",
+                        help="the Accelerate state to check: auto = PartialState(cpu=True) where "
+                        "there is no CUDA, else PartialState() (what a correct script does); cpu; "
+                        "default = PartialState(), as a script that never passes cpu=True; off")
+    return parser
+
+
+def _emit(report: Report, json_path: str | None) -> None:
+    if report.rank == 0:
+        sys.stdout.write(render(report) + "\n")
+        if json_path:
+            with open(json_path, "w") as fh:
+                json.dump(report.to_json(), fh, indent=2)
+    elif report.failures:
+        sys.stderr.write(report.failures[0] + "\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: parse, check, print on rank 0; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)  # exits 2 on bad arguments
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"--json {args.json}: its directory does not exist")
+    report = run(args, lambda rep: _emit(rep, args.json))
+    destroy_process_group()  # barrier, then teardown (a no-op for one process)
+    return report.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
