@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -226,3 +227,32 @@ def test_bad_arguments_say_what_was_expected() -> None:
         FirstRankPerNode(path="/tmp")
     with pytest.raises(TypeError, match="path must be"):
         FirstRankPerNode(local="auto", path=3)
+
+
+def _example(order: str, cache_dir: str, nnodes: int) -> tuple[dict, list[str], str]:
+    runs = run_torchrun(["examples/preprocess_guard.py", "--order", order, "--cache-dir",
+                         cache_dir, "--rows", "300"], nnodes=nnodes, timeout=90)
+    output = "".join(run.output for run in runs)
+    assert all(run.returncode == 0 for run in runs), output[-4000:]
+    lines = output.splitlines()
+    calls = json.loads(next(l for l in lines if l.startswith("MAP_CALLS ")).split(" ", 1)[1])
+    ranks = [l for l in lines if l.startswith("PREPROCESS ")]
+    assert len(ranks) == 2 * nnodes and "SAME_DATASET True" in lines
+    return calls, ranks, output
+
+
+def test_example_tokenizes_once_per_node_with_node_local_caches(tmp_path) -> None:
+    calls, _, _ = _example("local", str(tmp_path / "node{node}"), nnodes=2)
+    assert calls == {"0": 1, "1": 1}
+
+
+def test_example_auto_order_tokenizes_once_on_a_shared_cache(tmp_path) -> None:
+    calls, ranks, output = _example("auto", str(tmp_path), nnodes=2)
+    assert calls == {"0": 1, "1": 0}
+    assert "shared between nodes -> global order" in output
+    assert sum("first=True" in line for line in ranks) == 1
+
+
+def test_example_global_order_on_one_node(tmp_path) -> None:
+    calls, _, _ = _example("global", str(tmp_path), nnodes=1)
+    assert calls == {"0": 1}
