@@ -1,9 +1,9 @@
 """Benchmark 2: a first-rank guard around an empty block.
 
 Floor: one small all-reduce and one barrier on a gloo group, what a guard that reports failures
-needs at the least (the bare all-reduce is shown as well). Peers: Accelerate's ``local_main_process_first()`` (a barrier on each side,
-no failure reporting) and the seed's shape, which builds and destroys a gloo group for every
-barrier.
+needs at the least (the bare all-reduce is shown as well). Peers: Accelerate's
+``local_main_process_first()`` (a barrier on each side, no failure reporting) and the seed's
+shape, which builds and destroys a gloo group for every barrier.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def make_model(width: int, layers: int, device: torch.device) -> nn.Module:
 
 
 def bucket_mb(cfg: dict) -> float:
-    """A DDP bucket size that holds every float32 gradient of the model (one all-reduce per sync)."""
+    """A DDP bucket size that holds every float32 gradient (one all-reduce per sync)."""
     return 2 * cfg["layers"] * (cfg["width"] ** 2 + cfg["width"]) * 4 / 2**20
 
 
@@ -74,7 +74,8 @@ def variants(cfg: dict, accelerator: Any, device: torch.device) -> list[Variant]
     ddp = DDP(plain, bucket_cap_mb=bucket_mb(cfg), device_ids=_ids(device))
     opt = torch.optim.SGD(ddp.parameters(), lr=1e-6)
     acc_plain = make_model(width, layers, device)
-    acc_model, acc_opt = accelerator.prepare(acc_plain, torch.optim.SGD(acc_plain.parameters(), lr=1e-6))
+    acc_opt = torch.optim.SGD(acc_plain.parameters(), lr=1e-6)
+    acc_model, acc_opt = accelerator.prepare(acc_plain, acc_opt)
     ddp_count = count_allreduces(ddp, group)
     acc_count = count_allreduces(acc_model, group)
     batch = torch.randn(rows, width, device=device)

@@ -20,7 +20,8 @@ HEAVY = ("accelerate", "transformers", "datasets", "torch.distributed.fsdp")
 # every one of them (all of its modules), after torch, as a training script would.
 STATEMENTS = {
     "floor": "import torch",
-    "accel_utils": "import torch, accel_utils; [getattr(accel_utils, n) for n in accel_utils.__all__]",
+    "accel_utils": "import torch, accel_utils\n"
+                   "for name in accel_utils.__all__: getattr(accel_utils, name)",
     "bare": "import accel_utils",
 }
 _PROBE = (

@@ -36,8 +36,8 @@ def variants(accelerator: Any, device: torch.device) -> list[Variant]:
     tokens = torch.tensor(4096, dtype=torch.int64, device=device)
     out = [
         Variant("floor", "floor: all_reduce of 2 elements", lambda: dist.all_reduce(floor), 50),
-        Variant("seed", "seed shape: 2 all-reduces", lambda: seed_reduce_loss(losses, tokens, group),
-                50),
+        Variant("seed", "seed shape: 2 all-reduces",
+                lambda: seed_reduce_loss(losses, tokens, group), 50),
         Variant("accelerate", "Accelerator.reduce x2",
                 lambda: _accelerate_reduce(accelerator, losses, tokens), 50),
     ]

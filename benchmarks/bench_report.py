@@ -108,7 +108,8 @@ def markdown(results: dict) -> str:
                 f"{row['label']} | {_fmt_time(row['median_s'])} | {row['ratio']:.2f} | "
                 f"{_notes(row)} |"
             )
-    lines += ["", "| Target | Procs | Backend | Measured | Met |", "| --- | ---: | --- | --- | --- |"]
+    lines += ["", "| Target | Procs | Backend | Measured | Met |",
+              "| --- | ---: | --- | --- | --- |"]
     for t in results["targets"]:
         lines.append(f"| {t['target']} | {t['world_size']} | {t['backend']} | {t['measured']} | "
                      f"{'yes' if t['met'] else '**no**'} |")

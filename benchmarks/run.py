@@ -57,10 +57,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict[str, str]:
+def _env(backend: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, HERE, env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"  # one thread per process, as torchrun sets for several
+    if backend == "gloo":
+        # CPU runs see no GPU: Accelerate's wait_for_everyone() passes device_ids to its barrier
+        # and crashes ranks beyond the host's GPU count.
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
@@ -77,7 +81,8 @@ def _launch(script: str, nproc: int | None, cfg: dict, tmp: str, timeout: float)
                     "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
                     "--max_restarts=0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(), cwd=REPO, start_new_session=True)
+                            env=_env(cfg.get("backend", "gloo")), cwd=REPO,
+                            start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

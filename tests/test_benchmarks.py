@@ -18,7 +18,8 @@ import bench_report  # noqa: E402  (benchmarks/ is a folder of scripts, not a pa
 @pytest.mark.timeout(150)
 def test_quick_run_writes_json_png_markdown_and_readme(tmp_path) -> None:
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{bench_report.README_BEGIN}\nstale table\n{bench_report.README_END}\nrest\n")
+    begin, end = bench_report.README_BEGIN, bench_report.README_END
+    readme.write_text(f"intro\n{begin}\nstale table\n{end}\nrest\n")
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "benchmarks/run.py", "--quick", "--world-sizes", "2",
