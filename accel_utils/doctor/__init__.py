@@ -3,7 +3,7 @@
 Launch it exactly like the job (``torchrun ... -m accel_utils.doctor --path /data/cache``,
 ``accelerate launch ... -m accel_utils.doctor``, or as one plain process). Every rank resolves its
 own topology with :func:`accel_utils.topology.resolve` and sends it over the library's gloo side
-channel; every rank then reaches the same verdicts (:mod:`accel_utils.doctor_report`) and rank 0
+channel; every rank then reaches the same verdicts (:mod:`accel_utils.doctor.report`) and rank 0
 prints them. Exit code 0 when nothing is a problem, 1 when something is (or a rank failed or did
 not answer in time), 2 on bad arguments.
 
@@ -22,7 +22,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from datetime import timedelta
 from typing import Any, Callable
@@ -32,13 +31,10 @@ import torch.distributed as dist
 
 from accel_utils import topology
 from accel_utils.barriers import _barrier_with_timeout, _create_gloo_group
-from accel_utils.doctor_report import TRIES, Report, checks, render
+from accel_utils.doctor.report import TRIES, Report, checks, render
+from accel_utils.doctor.watch import Watch, first_line
 from accel_utils.first_rank import path_is_shared
 from accel_utils.lifecycle import destroy_process_group
-
-_BEAT_S = 0.2  # heartbeat period of every rank
-_GRACE_S = 1.5  # how long rank 0 watches the heartbeats before naming a dead rank
-
 
 # ----------------------------------------------------------------------------- this rank's facts
 
@@ -106,103 +102,6 @@ def _row(topo: topology.Topology, args: argparse.Namespace) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- failures
-
-
-class _Watch:
-    """Each rank's progress in the job's store, so that rank 0 can say which rank failed and why.
-
-    A rank that raises records why and raises an alarm; a rank that dies cannot, so every rank
-    bumps a heartbeat counter a few times a second and a counter that stops moving marks a dead
-    or frozen process (gloo's "Connection closed by peer" names an address, not a rank). The
-    heartbeat thread also ends any step that outlives the timeout, and on rank 0 it answers the
-    alarm at once instead of waiting out its own collective.
-    """
-
-    def __init__(self, topo: topology.Topology, timeout: timedelta,
-                 report: Callable[[list[str]], None]) -> None:
-        store = dist.distributed_c10d._get_default_store()  # private: the job's key-value store
-        self._store = dist.PrefixStore("accel_utils/doctor", store)
-        self._rank, self._size, self._report = topo.rank, topo.world_size, report
-        self._limit = timeout.total_seconds() + 1.0  # gloo's own timeout, with its message, first
-        self._lock = threading.Lock()
-        self._done = False
-        self.enter("starting")
-        self._store.set(f"where/{self._rank}", f"node {topo.nodes.node_rank}, {socket.gethostname()}")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="doctor-watch", daemon=True)
-        self._thread.start()
-
-    def enter(self, stage: str) -> None:
-        self.stage, self._since = stage, time.monotonic()
-        self._store.set(f"stage/{self._rank}", stage)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(_BEAT_S):
-            try:
-                self._store.add(f"beat/{self._rank}", 1)
-                alarm = self._rank == 0 and self._store.check(["alarm"])
-            except Exception:  # noqa: BLE001 - the store is gone: the job is ending
-                return
-            if time.monotonic() - self._since > self._limit:
-                self.fail(f"waited {self._limit - 1:g}s while {self.stage}", raised=False)
-            elif alarm:
-                self.fail(f"was waiting while {self.stage}", raised=False)
-
-    def finish(self) -> None:
-        """The checks completed: stop watching (unless a failure report has already begun)."""
-        with self._lock:
-            lost, self._done = self._done, True
-        if not lost:
-            self._stop.set()
-        self._thread.join()  # after a lost race the watch thread ends the process itself
-
-    def fail(self, why: str, *, raised: bool) -> None:
-        """Report this rank's failure (rank 0: with the others') and end the process with 1."""
-        with self._lock:
-            if self._done:
-                return
-            self._done = True
-        mine = f"rank {self._rank} {why}"
-        try:
-            if raised:
-                self._store.set(f"error/{self._rank}", f"{why}")
-            self._store.add("alarm", 1)
-            if self._rank == 0:
-                self._report([*self._survey(), mine])
-                self._store.set("reported", "1")
-            else:
-                self._report([mine])
-                # torchrun stops a node's other workers when one exits: let rank 0 finish first
-                self._store.wait(["reported"], timedelta(seconds=_GRACE_S + 10))
-        except Exception:  # noqa: BLE001 - the store's host is gone: nobody is left to tell
-            pass
-        os._exit(1)
-
-    def _get(self, key: str) -> str | None:
-        return self._store.get(key).decode() if self._store.check([key]) else None
-
-    def _survey(self) -> list[str]:
-        others = [r for r in range(self._size) if r != self._rank]
-        before = {r: self._store.add(f"beat/{r}", 0) for r in others}
-        time.sleep(_GRACE_S)
-        died, raised = [], []
-        for r in others:
-            who = f"rank {r} ({self._get(f'where/{r}') or 'never started'})"
-            error = self._get(f"error/{r}")
-            if error is not None:
-                raised.append(f"{who} {error}")
-            elif self._store.add(f"beat/{r}", 0) == before[r]:
-                stage = self._get(f"stage/{r}") or "starting"
-                died.append(f"{who} died or froze while {stage} (no heartbeat for {_GRACE_S:g}s)")
-        return died + raised
-
-
-def _first_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
-
-
 # ----------------------------------------------------------------------------- running
 
 
@@ -248,7 +147,7 @@ def _time_side_channel(side: Any, timeout: timedelta) -> dict[str, float]:
 
 
 def _collect(report: Report, row: dict, topo: topology.Topology, args: argparse.Namespace,
-             timeout: timedelta, watch: _Watch) -> None:
+             timeout: timedelta, watch: Watch) -> None:
     watch.enter("creating the gloo side group")
     side = _create_gloo_group()
     if side is None:
@@ -276,7 +175,7 @@ def run(args: argparse.Namespace, emit: Callable[[Report], None]) -> Report:
     try:
         _init_group(timeout)
     except Exception as exc:  # noqa: BLE001 - no group, so every rank reports for itself
-        report = Report(failures=[f"no process group within {args.timeout:g}s: {_first_line(exc)} "
+        report = Report(failures=[f"no process group within {args.timeout:g}s: {first_line(exc)} "
                                   "-> check that every rank was launched and that MASTER_ADDR:"
                                   "MASTER_PORT is reachable from every node"])
         emit(report)
@@ -294,11 +193,11 @@ def run(args: argparse.Namespace, emit: Callable[[Report], None]) -> Report:
         report.failures = failures
         emit(report)
 
-    watch = _Watch(topo, timeout, report_failures)
+    watch = Watch(topo, timeout, report_failures)
     try:
         _collect(report, row, topo, args, timeout, watch)
     except Exception as exc:  # noqa: BLE001 - any rank's failure is the finding
-        watch.fail(f"failed while {watch.stage}: {_first_line(exc)}", raised=True)
+        watch.fail(f"failed while {watch.stage}: {first_line(exc)}", raised=True)
     watch.finish()
     emit(report)
     return report
@@ -357,7 +256,3 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args, lambda rep: _emit(rep, args.json))
     destroy_process_group()  # barrier, then teardown (a no-op for one process)
     return report.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

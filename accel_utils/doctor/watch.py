@@ -1,0 +1,119 @@
+"""Which rank failed, and why: the doctor's progress and heartbeats in the job's own store.
+
+gloo's "Connection closed by peer" names an address, not a rank, and a rank that dies cannot
+say so. So every rank of ``python -m accel_utils.doctor`` records the step it is in, records its
+exception if it raises, and bumps a heartbeat counter a few times a second. When anything fails,
+rank 0 watches the counters for a moment: one that stops moving marks a dead or frozen process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from datetime import timedelta
+from typing import Callable
+
+import torch.distributed as dist
+
+from accel_utils import topology
+
+_BEAT_S = 0.2  # heartbeat period of every rank
+_GRACE_S = 1.5  # how long rank 0 watches the heartbeats before naming a dead rank
+
+
+class Watch:
+    """One rank's progress in the job's store, so that rank 0 can say which rank failed and why.
+
+    Its heartbeat thread also ends any step that outlives the timeout (every rank), and on rank 0
+    it answers another rank's alarm at once instead of waiting out rank 0's own collective.
+
+    Args:
+        topo: this rank's topology (its group's store is used).
+        timeout: how long any one step may take.
+        report: called once with the failure lines, just before the process ends with code 1.
+    """
+
+    def __init__(self, topo: topology.Topology, timeout: timedelta,
+                 report: Callable[[list[str]], None]) -> None:
+        self._store = dist.PrefixStore("accel_utils/doctor", topo.group.get_group_store())
+        self._rank, self._size, self._report = topo.rank, topo.world_size, report
+        self._limit = timeout.total_seconds() + 1.0  # gloo's own timeout, with its message, first
+        self._lock = threading.Lock()
+        self._done = False
+        self.enter("starting")
+        self._store.set(f"where/{self._rank}", f"node {topo.nodes.node_rank}, {socket.gethostname()}")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="doctor-watch", daemon=True)
+        self._thread.start()
+
+    def enter(self, stage: str) -> None:
+        """This rank starts ``stage`` (a phrase: "while <stage>" reads right)."""
+        self.stage, self._since = stage, time.monotonic()
+        self._store.set(f"stage/{self._rank}", stage)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(_BEAT_S):
+            try:
+                self._store.add(f"beat/{self._rank}", 1)
+                alarm = self._rank == 0 and self._store.check(["alarm"])
+            except Exception:  # noqa: BLE001 - the store is gone: the job is ending
+                return
+            if time.monotonic() - self._since > self._limit:
+                self.fail(f"waited {self._limit - 1:g}s while {self.stage}", raised=False)
+            elif alarm:
+                self.fail(f"was waiting while {self.stage}", raised=False)
+
+    def finish(self) -> None:
+        """The checks completed: stop watching (unless a failure report has already begun)."""
+        with self._lock:
+            lost, self._done = self._done, True
+        if not lost:
+            self._stop.set()
+        self._thread.join()  # after a lost race the watch thread ends the process itself
+
+    def fail(self, why: str, *, raised: bool) -> None:
+        """Report this rank's failure (rank 0: with the others') and end the process with 1."""
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        mine = f"rank {self._rank} {why}"
+        try:
+            if raised:
+                self._store.set(f"error/{self._rank}", why)
+            self._store.add("alarm", 1)
+            if self._rank == 0:
+                self._report([*self._survey(), mine])
+                self._store.set("reported", "1")
+            else:
+                self._report([mine])
+                # torchrun stops a node's other workers when one exits: let rank 0 finish first
+                self._store.wait(["reported"], timedelta(seconds=_GRACE_S + 10))
+        except Exception:  # noqa: BLE001 - the store's host is gone: nobody is left to tell
+            pass
+        os._exit(1)
+
+    def _get(self, key: str) -> str | None:
+        return self._store.get(key).decode() if self._store.check([key]) else None
+
+    def _survey(self) -> list[str]:
+        others = [r for r in range(self._size) if r != self._rank]
+        before = {r: self._store.add(f"beat/{r}", 0) for r in others}
+        time.sleep(_GRACE_S)
+        died, raised = [], []
+        for r in others:
+            who = f"rank {r} ({self._get(f'where/{r}') or 'never started'})"
+            error = self._get(f"error/{r}")
+            if error is not None:
+                raised.append(f"{who} {error}")
+            elif self._store.add(f"beat/{r}", 0) == before[r]:
+                stage = self._get(f"stage/{r}") or "starting"
+                died.append(f"{who} died or froze while {stage} (no heartbeat for {_GRACE_S:g}s)")
+        return died + raised
+
+
+def first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
