@@ -1,4 +1,4 @@
-"""``python -m accel_utils.doctor``, run for real: under torchrun as 2 simulated nodes, by hand, alone.
+"""The real ``python -m accel_utils.doctor``: under torchrun (2 simulated nodes), by hand, alone.
 
 Every test starts the real entry point in fresh processes (torchrun, hand-started workers or the
 installed console script); only the argument checks also call :func:`main` in-process.

@@ -43,7 +43,7 @@ def _path_facts(path: str | None) -> dict | None:
     if path is None:
         return None
     if not os.path.isdir(path):
-        return {"writable": False, "free_bytes": None, "error": "does not exist (or not a directory)"}
+        return {"writable": False, "free_bytes": None, "error": "is not an existing directory"}
     try:  # the way a cache writer finds out: create a file
         with tempfile.NamedTemporaryFile(dir=path, prefix=".accel_utils_doctor_"):
             pass
@@ -79,7 +79,8 @@ def _gpu(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
     props = torch.cuda.get_device_properties(device)
-    return f"{props.name} {props.uuid}"  # the UUID tells physical GPUs apart across CUDA_VISIBLE_DEVICES
+    # the UUID tells physical GPUs apart whatever CUDA_VISIBLE_DEVICES each rank was given
+    return f"{props.name} {props.uuid}"
 
 
 def _row(topo: topology.Topology, args: argparse.Namespace) -> dict:
@@ -224,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
         "state, a cache directory, the gloo side channel and the CUDA devices. Exit code 0: all "
         "good; 1: a problem (or a rank failed); 2: bad arguments.",
     )
-    parser.add_argument("--path", help="a cache directory: writable on every rank? shared by nodes?")
+    parser.add_argument("--path", help="a cache directory: writable everywhere? shared by nodes?")
     parser.add_argument("--timeout", type=_positive_seconds, default=60.0,
                         help="seconds any step may wait for the other ranks (default 60)")
     parser.add_argument("--json", metavar="FILE", help="also write the report to FILE (rank 0)")

@@ -134,7 +134,7 @@ def check_path(rows: list[dict], path: str | None, shared: bool | None) -> Check
     elif shared:
         verdict = "shared by the nodes: FirstRankPerNode(local='auto') lets rank 0 alone go first"
     else:
-        verdict = "node-local: FirstRankPerNode(local='auto') lets each node's local rank 0 go first"
+        verdict = "node-local: FirstRankPerNode(local='auto') lets each node's rank 0 go first"
     return Check("path", "OK", f"{path} is writable on every rank; {verdict}; {space}")
 
 
@@ -143,7 +143,7 @@ def check_side_channel(rows: list[dict], timings: list[dict] | None) -> Check:
     if timings is None:
         return Check("side channel", "SKIP", "one process: no side channel needed")
     median = {op: statistics.median(t[op] for t in timings) for op in ("barrier", "all_reduce")}
-    slowest = max(range(len(timings)), key=lambda r: timings[r]["barrier"] + timings[r]["all_reduce"])
+    slowest = max(range(len(timings)), key=lambda r: sum(timings[r].values()))
     slow = timings[slowest]
     return Check("side channel", "OK", f"gloo side group up; median of {TRIES} tries: barrier "
                  f"{median['barrier']:.2f} ms, all-reduce {median['all_reduce']:.2f} ms; slowest "
@@ -203,5 +203,6 @@ def render(report: Report) -> str:
         lines.append("")
     lines += [f"{c.status:<8} {c.name}: {c.message}" for c in report.checks]
     lines += [f"PROBLEM  {failure}" for failure in report.failures]
-    verdict = f"{report.problems} problem(s): exit 1" if report.problems else "all checks passed: exit 0"
+    verdict = (f"{report.problems} problem(s): exit 1" if report.problems
+               else "all checks passed: exit 0")
     return "\n".join([*lines, verdict])

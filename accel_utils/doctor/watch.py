@@ -43,7 +43,8 @@ class Watch:
         self._lock = threading.Lock()
         self._done = False
         self.enter("starting")
-        self._store.set(f"where/{self._rank}", f"node {topo.nodes.node_rank}, {socket.gethostname()}")
+        where = f"node {topo.nodes.node_rank}, {socket.gethostname()}"
+        self._store.set(f"where/{self._rank}", where)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="doctor-watch", daemon=True)
         self._thread.start()

@@ -2,7 +2,7 @@
 
 Usage (under torchrun): ``doctor_dies.py VICTIM_RANK [doctor arguments...]``. The victim kills
 itself on entering its 5th side-channel barrier, while the doctor times the side channel: a real
-death (SIGKILL), not a simulated one. Everything else is the real entry point, run as ``-m`` runs it.
+death (SIGKILL), not a simulated one. The rest is the real entry point, run as ``-m`` runs it.
 """
 
 import os
