@@ -125,8 +125,10 @@ def _huge_and_nan() -> dict:
         "huge_int": int(reduce_loss([torch.tensor(1.0)], huge, dp_group=dist.group.WORLD)[1]),
         "huge_device": int(_reduce_on_device([torch.tensor(1.0)], torch.tensor(huge), dist.group.WORLD)[1]),
     }
+    kept = reduce_loss([torch.tensor(3.0)], 4, dp_group=dist.group.WORLD)
     losses = [torch.tensor(float("nan")) if rank == 1 else torch.tensor(2.0)]
     out["nan"] = float(reduce_loss(losses, 5, dp_group=dist.group.WORLD)[0])
+    out["kept"] = (float(kept[0]), int(kept[1]))  # results never alias the reused send buffer
     return out
 
 
@@ -134,6 +136,7 @@ def test_huge_denominator_is_exact_and_nan_is_reduced_as_is() -> None:
     for o in run_distributed(_huge_and_nan, 2):
         assert o["huge"] == o["huge_int"] == o["huge_device"] == 6_000_000_001
         assert math.isnan(o["nan"])
+        assert o["kept"] == (6.0, 8)
 
 
 def _over_mesh_dp_not_tp() -> dict:
