@@ -69,6 +69,7 @@ def variants(accelerator: Any, gloo: dist.ProcessGroup, local_rank: int) -> list
     ]
     try:
         from accel_utils import FirstRankPerNode
+        from accel_utils.barriers import _barrier_with_timeout
     except (ImportError, AttributeError):
         return out
 
@@ -77,4 +78,6 @@ def variants(accelerator: Any, gloo: dist.ProcessGroup, local_rank: int) -> list
             pass
 
     out.insert(1, Variant("accel_utils", "accel_utils.FirstRankPerNode()", guard, 50))
+    out.insert(2, Variant("barrier", "accel_utils _barrier_with_timeout (cached side group)",
+                          lambda: _barrier_with_timeout(timedelta(minutes=5)), 50))
     return out
