@@ -98,7 +98,9 @@ def get_sync_ctx(
         raise ValueError("model is an empty list: pass the model or its parts")
     for part in parts:
         if not isinstance(part, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module or a list of them; got {type(part).__name__}")
+            raise TypeError(
+                f"model must be a torch.nn.Module or a list of them; got {type(part).__name__}"
+            )
     # DistributedType is a str enum: equal to its value, though str() of it is not
     if accelerator is not None and getattr(accelerator, "distributed_type", None) == "DEEPSPEED":
         return nullcontext()
@@ -110,14 +112,18 @@ def get_sync_ctx(
 
 
 @contextmanager
-def _all_parts(parts: tuple[nn.Module, ...], is_optim_step: bool, defer: DeferMode) -> Iterator[None]:
+def _all_parts(
+    parts: tuple[nn.Module, ...], is_optim_step: bool, defer: DeferMode
+) -> Iterator[None]:
     with ExitStack() as stack:  # exits (restores) every part entered, in reverse, also on error
         for part in parts:
             stack.enter_context(_part_ctx(part, is_optim_step, defer))
         yield
 
 
-def _part_ctx(part: nn.Module, is_optim_step: bool, defer: DeferMode) -> AbstractContextManager[None]:
+def _part_ctx(
+    part: nn.Module, is_optim_step: bool, defer: DeferMode
+) -> AbstractContextManager[None]:
     module = getattr(part, "_orig_mod", part)  # torch.compile's wrapper
     if any(cls.__name__ == "DeepSpeedEngine" for cls in type(module).__mro__):
         return nullcontext()

@@ -157,7 +157,9 @@ def _count(total_num_tokens: torch.Tensor | int) -> torch.Tensor | int | float:
 
 
 def _bad_losses(loss_store: Sequence[Any]) -> Exception:
-    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in loss_store]
+    shapes = [
+        tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in loss_store
+    ]
     if all(isinstance(x, torch.Tensor) for x in loss_store):
         return ValueError(
             "loss_store must hold one scalar loss per micro-batch (shape () or (1,)); got shapes "

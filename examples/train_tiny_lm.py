@@ -12,7 +12,8 @@ collective per step).
         --dynamo_backend no --main_process_port 29501 examples/train_tiny_lm.py [--fsdp2]
 
 Without a GPU per process the script runs on CPU (``Accelerator(cpu=True)``, gloo); with one GPU
-per process it runs unchanged on them (NCCL). The main process shows a progress bar and ends with one line:
+per process it runs unchanged on them (NCCL). The main process shows a progress bar and ends
+with one line:
 ``SUMMARY steps=.. tokens=.. first_loss=.. final_loss=.. tokens_per_s=..``.
 """
 
@@ -51,7 +52,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fsdp2", action="store_true", help="shard with FSDP2 instead of DDP")
-    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "accel_utils_examples"),
+    parser.add_argument("--cache-dir",
+                        default=os.path.join(tempfile.gettempdir(), "accel_utils_examples"),
                         help="where the tokenised dataset is kept (node-local is fine)")
     return parser.parse_args()
 
@@ -61,14 +63,15 @@ def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
 
 
 def build_dataset(args: argparse.Namespace) -> None:
-    """Generate "text" of arithmetic sequences, tokenise it, save it: the slow, once-per-node part."""
+    """Generate "text" of arithmetic sequences, tokenise and save it: the once-per-node part."""
     g = torch.Generator().manual_seed(args.seed)
     texts = []
     for _ in range(args.num_samples):
         length = int(torch.randint(args.seq_len // 2, args.seq_len + 1, (), generator=g))
         start, step = (int(x) for x in torch.randint(1, 8, (2,), generator=g))
         texts.append(" ".join(str(1 + (start + i * step) % (VOCAB - 1)) for i in range(length)))
-    dataset = Dataset.from_dict({"text": texts}).map(tokenize, batched=True, remove_columns=["text"])
+    dataset = Dataset.from_dict({"text": texts})
+    dataset = dataset.map(tokenize, batched=True, remove_columns=["text"])
     path = dataset_path(args)
     tmp = f"{path}.tmp{os.getpid()}"
     dataset.save_to_disk(tmp)
@@ -111,7 +114,8 @@ def build_model(args: argparse.Namespace) -> LlamaForCausalLM:
 
 
 def shard_fsdp2(model: LlamaForCausalLM, accelerator: Accelerator) -> LlamaForCausalLM:
-    """FSDP2 per decoder layer, then the root (torch's API: Accelerate ignores its FSDP plugin on CPU)."""
+    """FSDP2 per decoder layer, then the root, with torch's API (Accelerate 1.15 silently ignores
+    its FSDP plugin on CPU)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -145,7 +149,8 @@ def main() -> None:
     set_seed(args.seed)  # the same initial weights on every rank
     dataset = load_dataset(args, accelerator)
     model = build_model(args)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+                        drop_last=True)
     if args.fsdp2:
         model = shard_fsdp2(model, accelerator)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -158,7 +163,8 @@ def main() -> None:
     batches = iter(())
     losses: list[float] = []
     total_tokens = 0
-    bar = tqdm(total=args.steps, desc="train", disable=not accelerator.is_main_process, file=sys.stderr)
+    bar = tqdm(total=args.steps, desc="train", disable=not accelerator.is_main_process,
+               file=sys.stderr)
     start = time.perf_counter()
     for _ in range(args.steps):
         store, tokens = [], 0

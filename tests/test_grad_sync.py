@@ -3,7 +3,6 @@ gradient reductions really are skipped (counted) until the optimizer step."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from contextlib import nullcontext
 
@@ -47,7 +46,8 @@ def _batch(rank: int, step: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = model(ids)
-    return F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")
 
 
 def _full(grad: torch.Tensor) -> torch.Tensor:
@@ -309,7 +309,9 @@ def _fsdp_cases(mesh_shape: tuple[int, ...]) -> dict:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world_size,mesh_shape", [(2, (2,)), (4, (2, 2))], ids=["fsdp2", "hsdp"])
-def test_fsdp2_accumulation_equals_one_process_with_expected_collectives(world_size, mesh_shape) -> None:
+def test_fsdp2_accumulation_equals_one_process_with_expected_collectives(
+    world_size: int, mesh_shape: tuple[int, ...]
+) -> None:
     out = run_distributed(_fsdp_cases, world_size, mesh_shape, timeout=100)
     units, steps = 3, 2
     hsdp = len(mesh_shape) == 2

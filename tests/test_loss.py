@@ -34,7 +34,8 @@ def _expected(world: int, per_token: bool) -> tuple[float, int]:
 def _describe(loss: torch.Tensor, denom: torch.Tensor) -> dict:
     return {"loss": float(loss), "denom": int(denom), "dtypes": (loss.dtype, denom.dtype),
             "shapes": (tuple(loss.shape), tuple(denom.shape)),
-            "grad": loss.requires_grad or denom.requires_grad, "devices": (loss.device.type, denom.device.type)}
+            "grad": loss.requires_grad or denom.requires_grad,
+            "devices": (loss.device.type, denom.device.type)}
 
 
 def _count(names=("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier",
@@ -120,10 +121,11 @@ def test_accepts_partial_state_and_process_groups(kind: str) -> None:
 def _huge_and_nan() -> dict:
     rank = dist.get_rank()
     huge = 3_000_000_000 + rank  # more than int32 and float32 can hold exactly
+    one, world = [torch.tensor(1.0)], dist.group.WORLD
     out = {
-        "huge": int(reduce_loss([torch.tensor(1.0)], torch.tensor(huge), dp_group=dist.group.WORLD)[1]),
-        "huge_int": int(reduce_loss([torch.tensor(1.0)], huge, dp_group=dist.group.WORLD)[1]),
-        "huge_device": int(_reduce_on_device([torch.tensor(1.0)], torch.tensor(huge), dist.group.WORLD)[1]),
+        "huge": int(reduce_loss(one, torch.tensor(huge), dp_group=world)[1]),
+        "huge_int": int(reduce_loss(one, huge, dp_group=world)[1]),
+        "huge_device": int(_reduce_on_device(one, torch.tensor(huge), world)[1]),
     }
     kept = reduce_loss([torch.tensor(3.0)], 4, dp_group=dist.group.WORLD)
     losses = [torch.tensor(float("nan")) if rank == 1 else torch.tensor(2.0)]
@@ -159,7 +161,8 @@ def test_reduces_over_data_parallel_ranks_not_tensor_parallel() -> None:
 
 def test_single_process_without_group() -> None:
     assert not dist.is_initialized()
-    loss, denom = reduce_loss([torch.tensor(1.5), torch.tensor([2.5])], 7, dp_group=dist.group.WORLD)
+    losses = [torch.tensor(1.5), torch.tensor([2.5])]
+    loss, denom = reduce_loss(losses, 7, dp_group=dist.group.WORLD)
     assert (float(loss), int(denom)) == (4.0, 7)
 
 
