@@ -152,7 +152,7 @@ def _ddp_no_sync(ddp: DistributedDataParallel) -> AbstractContextManager[None]:
 
 
 def _static_graph_recorded(ddp: DistributedDataParallel) -> bool:
-    # Set by DDP's first synced backward in torch 2.11 - 2.13; a private flag, hence the guard.
+    # Set by DDP's first synced backward (read on torch 2.13); a private flag, hence the guard.
     recorded = getattr(ddp, "_static_graph_delay_allreduce_enqueued", None)
     if not isinstance(recorded, bool):
         raise RuntimeError(
@@ -192,7 +192,7 @@ def _fsdp2_flags(module: nn.Module) -> list[tuple[Any, bool, bool]]:
     for sub in module.modules():
         if isinstance(sub, fsdp.FSDPModule):
             state = sub._get_fsdp_state()
-            groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.12: several
+            groups = getattr(state, "_fsdp_param_groups", None)  # 2.13: a list; older: one
             if groups is None:
                 groups = [g for g in (state._fsdp_param_group,) if g is not None]
             for group in groups:
