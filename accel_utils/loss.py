@@ -43,7 +43,8 @@ def reduce_loss(
         dp_group: what to reduce over: anything :func:`accel_utils.resolve` accepts (a
             ProcessGroup, an Accelerator or PartialState, a DeviceMesh); the reduction runs over
             its data-parallel view (``dp_cp`` with context parallelism, never ``tp``). ``None``
-            reduces nothing (this rank's values only), as in the seed.
+            is the default group, like everywhere in accel-utils (the seed reduced nothing for
+            ``None``); without an initialised process group nothing is reduced.
 
     Returns:
         ``(loss, denominator)``: the summed loss as float32 and the summed denominator as int64,
@@ -118,8 +119,6 @@ def _reduce_on_device(
 
 
 def _all_reduce(packed: torch.Tensor, dp_group: Any) -> None:
-    if dp_group is None:
-        return
     topo = resolve(dp_group)  # cached per group object: a dict look-up on the hot path
     if topo.dp_size > 1:
         dist.all_reduce(packed, op=_SUM, group=topo.dp_group)

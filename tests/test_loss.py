@@ -80,8 +80,8 @@ def _reduce_everywhere(handle_kind: str) -> dict:
         }
         out["calls_total"] = len(calls)
         before = len(calls)
-        out["local"] = _describe(*reduce_loss(losses, tokens))  # dp_group=None: no collective
-        out["local_calls"] = len(calls) - before
+        out["default"] = _describe(*reduce_loss(losses, tokens))  # dp_group=None: default group
+        out["default_calls"] = len(calls) - before
     finally:
         restore()
     return out
@@ -104,9 +104,9 @@ def test_equals_one_process_over_all_micro_batches_in_one_collective(world_size:
             assert got["dtypes"] == (torch.float32, torch.int64), key
             assert got["shapes"] == ((1,), (1,)) and got["grad"] is False, key
             assert got["devices"] == ("cpu", "cpu")
-        mine, my_tokens = _rank_data(rank)
-        assert o["local"]["loss"] == pytest.approx(sum(float(x) for x in mine), rel=1e-6)
-        assert o["local"]["denom"] == my_tokens and o["local_calls"] == 0
+        # None means the default group (the seed reduced nothing): here the whole world
+        assert o["default"]["loss"] == pytest.approx(loss, rel=1e-6)
+        assert o["default"]["denom"] == tokens and o["default_calls"] == 1
 
 
 @pytest.mark.parametrize("kind", ["state", "subgroup"])
