@@ -2,9 +2,10 @@
 
 Each parent group (the default group, a subgroup, an Accelerator's group) gets one gloo side
 group, created on first use and reused by every later barrier and guard on that parent. Waits
-run there with their own timeout, so a long wait never trips the NCCL watchdog of the parent,
-and a little bookkeeping in the parent group's store (one counter per rank) tells who is
-missing when a wait fails. The store is only read on the failure path.
+run there with their own timeout, so a long wait never trips the NCCL watchdog of the parent.
+A quick wait costs one small all-reduce and nothing else: a rank writes its arrival into the
+group's store only once it has waited half a second, and on a failure the survivors read those
+marks to name the ranks that never arrived.
 
 Creating a side group is collective over the parent group's members (not the whole world):
 every member creates it on its first barrier or guard on that parent, so every member must make
@@ -47,6 +48,8 @@ class _SideChannel:
     size: int
     ranks: frozenset[int]  # the members' global ranks, to tell overlapping groups apart
     memo: dict[str, Any] = field(default_factory=dict)  # per-channel facts (roster, probes)
+    ops: int = 0  # operations entered; every member enters them in the same order
+    timeout: timedelta | None = None  # the gloo group's current timeout
 
 
 class _SideWaitFailed(RuntimeError):
@@ -94,12 +97,14 @@ def _side_channel(parent: dist.ProcessGroup, timeout: timedelta) -> _SideChannel
     try:
         store = dist.PrefixStore(f"accel_utils/side/{name}/{generation}", parent.get_group_store())
         rank, size = dist.get_rank(parent), dist.get_world_size(parent)
+        store.set(f"arrived/{rank}", "0")  # every member's mark exists once the group does
         group = dist.ProcessGroupGloo(store, rank, size, timeout)  # connects to all members
     except Exception as exc:  # noqa: BLE001 - the seed's contract: warn and return None
         logger.warning("could not create a gloo side group for group %r: %s", name, exc)
         return None
     _generation[name] = generation + 1
-    channel = _SideChannel(group, store, rank, size, frozenset(dist.get_process_group_ranks(parent)))
+    channel = _SideChannel(group, store, rank, size,
+                           frozenset(dist.get_process_group_ranks(parent)), timeout=timeout)
     _channels[id(parent)] = (weakref.ref(parent), channel)
     logger.debug("created gloo side group %d for group %r", generation, name)
     return channel
@@ -144,7 +149,7 @@ def _channel(group: Any, timeout: timedelta) -> tuple[Topology, _SideChannel | N
 
 def _set_timeout(group: Any, timeout: timedelta) -> None:
     # A gloo group's timeout is fixed at creation unless reset; without this a wait that gave up
-    # would leave its operation pending until the late rank arrived.
+    # would leave its operation pending until the late rank arrived. Public from torch 2.13.
     setter = getattr(group, "set_timeout", None) or getattr(group, "_set_default_timeout", None)
     if setter is None:
         logger.debug("this torch cannot change a gloo group's timeout; relying on our deadline")
@@ -153,20 +158,37 @@ def _set_timeout(group: Any, timeout: timedelta) -> None:
 
 
 def _arrive(channel: _SideChannel) -> int:
-    """Count this rank's arrival; returns the number of the operation it arrives at."""
-    return channel.store.add(f"arrived/{channel.rank}", 1)
+    """Enter the channel's next operation; returns its number (the same on every member)."""
+    channel.ops += 1
+    return channel.ops
+
+
+def _post_arrival(channel: _SideChannel, seq: int) -> None:
+    try:
+        channel.store.set(f"arrived/{channel.rank}", str(seq))
+    except Exception:  # noqa: BLE001 - the store's host died; the wait reports it
+        logger.debug("could not post an arrival mark", exc_info=True)
 
 
 def _missing(channel: _SideChannel, seq: int) -> list[int]:
-    """The ranks that had not arrived at operation ``seq`` (empty if the store is gone)."""
+    """The ranks that had not arrived at operation ``seq`` (empty if the store is gone).
+
+    Failure path only: posts this rank's mark, gives every rank that arrived time to post its
+    own (they do after one poll interval of waiting), then reads all marks in one request.
+    """
+    _post_arrival(channel, seq)
+    time.sleep(_POLL_S + _GRACE_S)
+    keys = [f"arrived/{r}" for r in range(channel.size)]
     try:
-        return [r for r in range(channel.size) if channel.store.add(f"arrived/{r}", 0) < seq]
+        marks = channel.store.multi_get(keys)
     except Exception:  # noqa: BLE001 - the store's host died: nobody can be named
         return []
+    return [r for r, mark in enumerate(marks) if int(mark) < seq]
 
 
 def _exchange(
     channel: _SideChannel,
+    seq: int,
     tensor: torch.Tensor,
     timeout: timedelta,
     poll: Callable[[], None] | None = None,
@@ -175,6 +197,7 @@ def _exchange(
 
     Args:
         channel: the side channel.
+        seq: the operation's number, from :func:`_arrive`.
         tensor: a small CPU tensor, reduced in place.
         timeout: how long to wait for the other ranks.
         poll: called about every half second while waiting; it may raise to stop waiting.
@@ -182,9 +205,12 @@ def _exchange(
     Raises:
         _SideWaitFailed: the deadline passed or a peer's connection was lost.
     """
-    _set_timeout(channel.group, timeout)
+    if channel.timeout != timeout:
+        _set_timeout(channel.group, timeout)
+        channel.timeout = timeout
     work = channel.group.allreduce([tensor])
     deadline = time.monotonic() + timeout.total_seconds() + _GRACE_S
+    posted = False
     while True:
         left = deadline - time.monotonic()
         try:
@@ -201,6 +227,9 @@ def _exchange(
         if left <= 0:
             _drop(channel)  # its operation may still be pending: never reuse it
             raise _SideWaitFailed(True, None)
+        if not posted:  # a long wait: let the survivors of a failure know this rank was here
+            _post_arrival(channel, seq)
+            posted = True
         if poll is not None:
             poll()
 
@@ -231,7 +260,7 @@ def _barrier_with_timeout(timeout: Any, group: Any = None) -> bool:
         return False
     seq = _arrive(channel)
     try:
-        _exchange(channel, torch.zeros(1), limit)
+        _exchange(channel, seq, torch.zeros(1), limit)
     except _SideWaitFailed as err:
         logger.warning("barrier failed on rank %d: %s", topo.rank, _why(channel, seq, err, limit))
         return False
@@ -273,7 +302,7 @@ def barrier_and_log(string: str, group: Any = None, *, timeout: Any = _LOG_TIMEO
             raise RuntimeError("barrier_and_log: no gloo side group (see the warning above)")
         seq = _arrive(channel)
         try:
-            _exchange(channel, torch.zeros(1), limit)
+            _exchange(channel, seq, torch.zeros(1), limit)
         except _SideWaitFailed as err:
             if err.timed_out:
                 raise BarrierTimeoutError(_missing(channel, seq), limit.total_seconds(),

@@ -5,8 +5,8 @@ it on ``__enter__``, the first ranks on ``__exit__``, each first rank flagging i
 its block raised. A failing first rank also leaves a record (rank, node, exception) in the
 job's store and does not wait, so the others learn within a poll interval even while another
 first rank is still busy. A killed first rank breaks the gloo connections; the survivors then
-read the store's arrival counters to say who never finished. The store is only read on these
-failure paths.
+read the ranks' arrival marks to say who never finished. An empty block costs that one
+all-reduce: the store is only used by waits longer than a poll interval and on failures.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from accel_utils.barriers import (
     _channel,
     _exchange,
     _missing,
+    _post_arrival,
     _SideChannel,
     _SideWaitFailed,
 )
@@ -46,6 +47,7 @@ class _Entry:
     """One entry into a guard (a guard instance can be entered again as a decorator)."""
 
     topo: Topology
+    timeout: timedelta
     channel: _SideChannel | None = None
     order: str = "global"
     first: bool = True
@@ -100,14 +102,20 @@ class FirstRankPerNode(ContextDecorator):
         self.path = None if path is None else os.fspath(path)
         self._entries: list[_Entry] = []
 
-    def __enter__(self) -> bool:
-        topo, channel = _channel(self.group, self.timeout)
-        entry = _Entry(topo, channel)
+    def __enter__(self, timeout: timedelta | None = None) -> bool:
+        """Wait for the first ranks unless this rank is one; True on the ranks that go first.
+
+        Args:
+            timeout: overrides the constructor's ``timeout`` for this entry (the seed's place).
+        """
+        limit = self.timeout if timeout is None else _as_timeout(timeout)
+        topo, channel = _channel(self.group, limit)
+        entry = _Entry(topo, limit, channel)
         if topo.world_size > 1:
             if channel is None:
                 raise RuntimeError("FirstRankPerNode: no gloo side group (see the warning above)")
-            entry.outer = _enclosing(channel, self.local)
-            entry.order = self._order(topo, channel, entry.outer)
+            entry.outer = _enclosing(channel)
+            entry.order = self._order(topo, channel, entry.outer, limit)
             entry.first = topo.nodes.local_rank == 0 if entry.order == "local" else topo.rank == 0
             if entry.outer is not None and entry.outer.order != entry.order:
                 raise ValueError("a nested FirstRankPerNode on the same group must use the same order")
@@ -117,7 +125,7 @@ class FirstRankPerNode(ContextDecorator):
         self._entries.append(entry)
         if topo.world_size > 1 and entry.outer is None and not entry.first:
             try:
-                _settle(entry, self.timeout, torch.zeros(topo.world_size, dtype=torch.int32))
+                _settle(entry, torch.zeros(topo.world_size, dtype=torch.int32))
             except BaseException:
                 stack.remove(entry)
                 self._entries.pop()
@@ -135,14 +143,15 @@ class FirstRankPerNode(ContextDecorator):
             return False
         failure = exc if exc is not None else entry.inner_failure
         if failure is None:
-            _settle(entry, self.timeout, torch.zeros(entry.topo.world_size, dtype=torch.int32))
+            _settle(entry, torch.zeros(entry.topo.world_size, dtype=torch.int32))
             return False
-        _report_failure(entry, failure, self.timeout)
+        _report_failure(entry, failure)
         if exc is None:  # an inner guard's failure that the block caught: stop here anyway
             raise _error(_record(entry, failure)) from failure
         return False
 
-    def _order(self, topo: Topology, channel: _SideChannel, outer: _Entry | None) -> str:
+    def _order(self, topo: Topology, channel: _SideChannel, outer: _Entry | None,
+               limit: timedelta) -> str:
         if self.local != "auto":
             return "local" if self.local else "global"
         assert self.path is not None
@@ -152,7 +161,7 @@ class FirstRankPerNode(ContextDecorator):
             if outer is not None:
                 raise ValueError("a nested FirstRankPerNode(local='auto') needs its path probed "
                                  "outside the enclosing guard first")
-            probes[key] = path_is_shared(self.path, topo.group, timeout=self.timeout)
+            probes[key] = path_is_shared(self.path, topo.group, timeout=limit)
             if topo.rank == 0:
                 logger.info("FirstRankPerNode: %s is %s -> %s order", self.path,
                             "shared between nodes" if probes[key] else "node-local",
@@ -166,7 +175,7 @@ def _stack() -> list[_Entry]:
     return _active.stack
 
 
-def _enclosing(channel: _SideChannel, local: bool | str) -> _Entry | None:
+def _enclosing(channel: _SideChannel) -> _Entry | None:
     """The active guard on the same side channel, if any; rejects guards that would deadlock."""
     for entry in reversed(_stack()):
         if entry.channel is channel:
@@ -211,13 +220,13 @@ def _error(record: dict[str, Any]) -> Exception:
                                 record["message"])
 
 
-def _raise(channel: _SideChannel, seq: int, record: dict[str, Any], cause: Any = None) -> NoReturn:
+def _raise(channel: _SideChannel, record: dict[str, Any], cause: Any = None) -> NoReturn:
     if record["kind"] != "timeout":
         logger.error("rank %d stops: %s", channel.rank, _error(record))
     raise _error(record) from cause
 
 
-def _report_failure(entry: _Entry, exc: BaseException, timeout: timedelta) -> None:
+def _report_failure(entry: _Entry, exc: BaseException) -> None:
     """A first rank's block raised: say so in the store and the status, without waiting."""
     channel = entry.channel
     assert channel is not None
@@ -225,13 +234,14 @@ def _report_failure(entry: _Entry, exc: BaseException, timeout: timedelta) -> No
                  entry.topo.rank, entry.topo.nodes.node_rank, type(exc).__name__, exc,
                  exc_info=(type(exc), exc, exc.__traceback__))
     seq = _arrive(channel)
+    _post_arrival(channel, seq)  # it did arrive: survivors must not call it missing
     _publish(channel, seq, _record(entry, exc))
     status = torch.zeros(entry.topo.world_size, dtype=torch.int32)
     status[entry.topo.rank] = 1
     channel.group.allreduce([status])  # completes once the others arrive; nobody waits on it
 
 
-def _settle(entry: _Entry, timeout: timedelta, status: torch.Tensor) -> None:
+def _settle(entry: _Entry, status: torch.Tensor) -> None:
     """Join the guard's status all-reduce; raise if a first rank failed, died or timed out."""
     channel = entry.channel
     assert channel is not None
@@ -240,18 +250,18 @@ def _settle(entry: _Entry, timeout: timedelta, status: torch.Tensor) -> None:
     def poll() -> None:
         record = _read(channel, seq)
         if record is not None:
-            _raise(channel, seq, record)
+            _raise(channel, record)
 
     try:
-        _exchange(channel, status, timeout, poll)
+        _exchange(channel, seq, status, entry.timeout, poll)
     except _SideWaitFailed as err:
-        record = _read(channel, seq) or _diagnose(channel, seq, err, timeout)
-        _raise(channel, seq, record, err)
+        record = _read(channel, seq) or _diagnose(channel, seq, err, entry.timeout)
+        _raise(channel, record, err)
     failed = status.nonzero().flatten().tolist()
     if failed:
         record = _read(channel, seq) or {"kind": "failed", "rank": failed[0], "node": None,
                                          "exc_type": "unknown", "message": "no record in store"}
-        _raise(channel, seq, record)
+        _raise(channel, record)
 
 
 def _remember_node(channel: _SideChannel, topo: Topology) -> None:
@@ -271,10 +281,13 @@ def _diagnose(channel: _SideChannel, seq: int, err: _SideWaitFailed,
     else:
         rank = missing[0] if len(missing) == 1 else None
         node = None
-        if rank is not None and channel.store.check([f"node/{rank}"]):
-            node = int(channel.store.get(f"node/{rank}"))
+        try:
+            if rank is not None and channel.store.check([f"node/{rank}"]):
+                node = int(channel.store.get(f"node/{rank}"))
+        except Exception:  # noqa: BLE001 - the store's host is gone
+            logger.debug("could not read the node of rank %s", rank, exc_info=True)
         who = "it" if rank is not None else f"one of rank(s) {missing}"
-        record = {"kind": "died", "rank": rank, "node": node, "exc_type": "died",
+        record = {"kind": "died", "rank": rank, "node": node, "exc_type": "killed",
                   "message": f"lost the connection while {who} had not finished its block "
                              f"(killed or crashed?): {err}"}
     _publish(channel, seq, record)
@@ -343,7 +356,7 @@ def path_is_shared(path: str | os.PathLike[str], group: Any = None, *,
 def _step(channel: _SideChannel, tensor: torch.Tensor, limit: timedelta) -> None:
     seq = _arrive(channel)
     try:
-        _exchange(channel, tensor, limit)
+        _exchange(channel, seq, tensor, limit)
     except _SideWaitFailed as err:
         if err.timed_out:
             raise BarrierTimeoutError(_missing(channel, seq), limit.total_seconds(),
