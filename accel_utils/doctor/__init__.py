@@ -198,7 +198,7 @@ def run(args: argparse.Namespace, emit: Callable[[Report], None]) -> Report:
     try:
         _collect(report, row, topo, args, timeout, watch)
     except Exception as exc:  # noqa: BLE001 - any rank's failure is the finding
-        watch.fail(f"failed while {watch.stage}: {first_line(exc)}", raised=True)
+        watch.fail(f"failed while {watch.stage}: {first_line(exc)}")
     watch.finish()
     emit(report)
     return report

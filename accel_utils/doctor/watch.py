@@ -9,6 +9,7 @@ rank 0 watches the counters for a moment: one that stops moving marks a dead or 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 import time
@@ -21,6 +22,26 @@ from accel_utils import topology
 
 _BEAT_S = 0.2  # heartbeat period of every rank
 _GRACE_S = 1.5  # how long rank 0 watches the heartbeats before naming a dead rank
+
+
+def _own_store(topo: topology.Topology, timeout: timedelta) -> dist.Store:
+    """A connection of our own to the job's store, under a key prefix new for this run.
+
+    A store connection serves one request at a time, and the main thread may sit in a blocking
+    store wait for minutes (a gloo group being built waits there for its peers): the heartbeat
+    must not queue behind it, so it gets a second connection to the same TCPStore.
+    """
+    shared = topo.group.get_group_store()
+    if topo.rank == 0:  # the job's store may outlive this run (torchrun restarts): a fresh prefix
+        shared.set("accel_utils/doctor/run", secrets.token_hex(8))
+    prefix = f"accel_utils/doctor/{shared.get('accel_utils/doctor/run').decode()}"
+    tcp = shared
+    while hasattr(tcp, "underlying_store"):  # PrefixStores down to the TCPStore
+        tcp = tcp.underlying_store
+    if not isinstance(tcp, dist.TCPStore):  # a FileStore or HashStore: share the connection
+        return dist.PrefixStore(prefix, shared)
+    return dist.PrefixStore(prefix, dist.TCPStore(tcp.host, tcp.port, is_master=False,
+                                                  timeout=timeout))
 
 
 class Watch:
@@ -37,7 +58,7 @@ class Watch:
 
     def __init__(self, topo: topology.Topology, timeout: timedelta,
                  report: Callable[[list[str]], None]) -> None:
-        self._store = dist.PrefixStore("accel_utils/doctor", topo.group.get_group_store())
+        self._store = _own_store(topo, timeout)
         self._rank, self._size, self._report = topo.rank, topo.world_size, report
         self._limit = timeout.total_seconds() + 1.0  # gloo's own timeout, with its message, first
         self._lock = threading.Lock()
@@ -62,9 +83,9 @@ class Watch:
             except Exception:  # noqa: BLE001 - the store is gone: the job is ending
                 return
             if time.monotonic() - self._since > self._limit:
-                self.fail(f"waited {self._limit - 1:g}s while {self.stage}", raised=False)
+                self.fail(f"waited {self._limit - 1:g}s while {self.stage}")
             elif alarm:
-                self.fail(f"was waiting while {self.stage}", raised=False)
+                self.fail(f"was waiting while {self.stage}")
 
     def finish(self) -> None:
         """The checks completed: stop watching (unless a failure report has already begun)."""
@@ -74,16 +95,19 @@ class Watch:
             self._stop.set()
         self._thread.join()  # after a lost race the watch thread ends the process itself
 
-    def fail(self, why: str, *, raised: bool) -> None:
-        """Report this rank's failure (rank 0: with the others') and end the process with 1."""
+    def fail(self, why: str) -> None:
+        """Report this rank's failure (rank 0: with the others') and end the process with 1.
+
+        The record tells rank 0 that this rank is alive and why it stops (its heartbeat stops
+        too when this runs on the watch thread).
+        """
         with self._lock:
             if self._done:
                 return
             self._done = True
         mine = f"rank {self._rank} {why}"
         try:
-            if raised:
-                self._store.set(f"error/{self._rank}", why)
+            self._store.set(f"error/{self._rank}", why)
             self._store.add("alarm", 1)
             if self._rank == 0:
                 self._report([*self._survey(), mine])
@@ -103,16 +127,16 @@ class Watch:
         others = [r for r in range(self._size) if r != self._rank]
         before = {r: self._store.add(f"beat/{r}", 0) for r in others}
         time.sleep(_GRACE_S)
-        died, raised = [], []
+        died, stopped = [], []
         for r in others:
             who = f"rank {r} ({self._get(f'where/{r}') or 'never started'})"
             error = self._get(f"error/{r}")
             if error is not None:
-                raised.append(f"{who} {error}")
+                stopped.append(f"{who} {error}")
             elif self._store.add(f"beat/{r}", 0) == before[r]:
                 stage = self._get(f"stage/{r}") or "starting"
                 died.append(f"{who} died or froze while {stage} (no heartbeat for {_GRACE_S:g}s)")
-        return died + raised
+        return died + stopped
 
 
 def first_line(exc: BaseException) -> str:
