@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 from bench_timing import Variant
 
+INNER = 20  # calls per timed block: short blocks, many rotations, noise hits all alike
+
 
 def seed_barrier(timeout: timedelta) -> None:
     """The seed's shape of one barrier: new gloo group, monitored barrier, destroy the group."""
@@ -61,10 +63,10 @@ def variants(accelerator: Any, gloo: dist.ProcessGroup, local_rank: int) -> list
             pass
 
     out = [
-        Variant("floor", "floor: all_reduce(1 element) + barrier (gloo)", floor, 50),
+        Variant("floor", "floor: all_reduce(1 element) + barrier (gloo)", floor, INNER),
         Variant("allreduce", "all_reduce(1 element) alone (gloo)",
-                lambda: dist.all_reduce(flag, group=gloo), 50),
-        Variant("accelerate", "Accelerate local_main_process_first()", accelerate_guard, 50),
+                lambda: dist.all_reduce(flag, group=gloo), INNER),
+        Variant("accelerate", "Accelerate local_main_process_first()", accelerate_guard, INNER),
         Variant("seed", "seed shape: new gloo group per barrier", seed_guard, 3),
     ]
     try:
@@ -77,7 +79,7 @@ def variants(accelerator: Any, gloo: dist.ProcessGroup, local_rank: int) -> list
         with FirstRankPerNode():
             pass
 
-    out.insert(1, Variant("accel_utils", "accel_utils.FirstRankPerNode()", guard, 50))
+    out.insert(1, Variant("accel_utils", "accel_utils.FirstRankPerNode()", guard, INNER))
     out.insert(2, Variant("barrier", "accel_utils _barrier_with_timeout (cached side group)",
-                          lambda: _barrier_with_timeout(timedelta(minutes=5)), 50))
+                          lambda: _barrier_with_timeout(timedelta(minutes=5)), INNER))
     return out

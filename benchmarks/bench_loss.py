@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 from bench_timing import Variant
 
+INNER = 20  # calls per timed block: short blocks, many rotations, noise hits all alike
+
 MICRO_BATCHES = 8  # losses in loss_store, as after 8 accumulation steps
 
 
@@ -35,20 +37,20 @@ def variants(accelerator: Any, device: torch.device) -> list[Variant]:
     losses = [torch.tensor(2.0 + i / 10, device=device) for i in range(MICRO_BATCHES)]
     tokens = torch.tensor(4096, dtype=torch.int64, device=device)
     out = [
-        Variant("floor", "floor: all_reduce of 2 elements", lambda: dist.all_reduce(floor), 50),
+        Variant("floor", "floor: all_reduce of 2 elements", lambda: dist.all_reduce(floor), INNER),
         Variant("seed", "seed shape: 2 all-reduces",
-                lambda: seed_reduce_loss(losses, tokens, group), 50),
+                lambda: seed_reduce_loss(losses, tokens, group), INNER),
         Variant("accelerate", "Accelerator.reduce x2",
-                lambda: _accelerate_reduce(accelerator, losses, tokens), 50),
+                lambda: _accelerate_reduce(accelerator, losses, tokens), INNER),
     ]
     try:
         from accel_utils import reduce_loss
     except (ImportError, AttributeError):
         return out  # not landed yet: the suite still runs its peers
     out.insert(1, Variant("accel_utils", "accel_utils.reduce_loss(dp_group=group)",
-                          lambda: reduce_loss(losses, tokens, dp_group=group), 50))
+                          lambda: reduce_loss(losses, tokens, dp_group=group), INNER))
     out.insert(2, Variant("accel_utils_acc", "accel_utils.reduce_loss(dp_group=accelerator)",
-                          lambda: reduce_loss(losses, tokens, dp_group=accelerator), 50))
+                          lambda: reduce_loss(losses, tokens, dp_group=accelerator), INNER))
     return out
 
 

@@ -37,7 +37,7 @@ IN_GROUP = ("reduce_loss", "first_rank", "grad_accum")
 ALL = (*IN_GROUP, "eval", "import")
 
 FULL = {
-    "reps": {"reduce_loss": {"reps": 30, "warmup": 3}, "first_rank": {"reps": 30, "warmup": 3},
+    "reps": {"reduce_loss": {"reps": 80, "warmup": 5}, "first_rank": {"reps": 80, "warmup": 5},
              "grad_accum": {"reps": 10, "warmup": 2}},
     "grad_accum": {"k": 8, "width": 1024, "layers": 10, "rows": 8},  # 10.5M parameters
     "eval": {"vocab": 512, "hidden": 64, "samples": 64, "new_tokens": 16, "reps": 3, "warmup": 1},
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--only", nargs="+", choices=ALL, default=list(ALL))
     parser.add_argument("--reps", type=int, default=None,
-                        help="timed repetitions for benchmarks 1-3 (default: 30, 30, 10)")
+                        help="timed repetitions for benchmarks 1-3 (default: 80, 80, 10)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny repetition counts and models: checks that everything runs")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
