@@ -112,7 +112,11 @@ def main() -> None:
             "world_size": trainer.args.world_size,
         }) + "\n")
     sys.stdout.flush()
-    destroy_process_group()  # barrier, then teardown: no abort at interpreter exit
+    # A gloo worker thread that frees a finished collective after interpreter shutdown began
+    # aborts the process ("terminate called without an active exception"). So the group must be
+    # freed before exit: drop the DDP wrapper (it holds the group), then barrier + destroy.
+    del trainer
+    destroy_process_group()
 
 
 if __name__ == "__main__":
