@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from numbers import Real
@@ -26,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from accel_utils.errors import BarrierTimeoutError
-from accel_utils.topology import Topology, resolve
+from accel_utils.topology import Topology, _cached, _ref, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +59,7 @@ class _SideWaitFailed(RuntimeError):
         super().__init__(str(cause) if cause is not None else "deadline passed")
 
 
-# Side groups are only valid for one default group: a new init_process_group starts afresh.
-_world_seen: list[Any] = [None]
+# parent id -> (weak reference to the parent, its side channel); entries die with their parent
 _channels: dict[int, tuple[Any, _SideChannel]] = {}
 _generation: dict[str, int] = {}  # parent name -> side groups created, for fresh store prefixes
 
@@ -79,19 +77,13 @@ def _as_timeout(timeout: Any) -> timedelta:
     return value
 
 
-def _forget_stale() -> None:
-    world = dist.group.WORLD if dist.is_initialized() else None
-    if world is not _world_seen[0]:
-        _world_seen[0] = world
-        _channels.clear()
-        _generation.clear()
-
-
 def _side_channel(parent: dist.ProcessGroup, timeout: timedelta) -> _SideChannel | None:
-    _forget_stale()
-    hit = _channels.get(id(parent))
-    if hit is not None and hit[0]() is parent:
-        return hit[1]
+    hit = _cached(_channels, parent)
+    if hit is not None:
+        return hit
+    for key, (ref, _) in list(_channels.items()):  # groups destroyed since (a new world)
+        if ref() is None:
+            del _channels[key]
     name = parent.group_name
     generation = _generation.get(name, 0)
     try:
@@ -105,7 +97,7 @@ def _side_channel(parent: dist.ProcessGroup, timeout: timedelta) -> _SideChannel
     _generation[name] = generation + 1
     channel = _SideChannel(group, store, rank, size,
                            frozenset(dist.get_process_group_ranks(parent)), timeout=timeout)
-    _channels[id(parent)] = (weakref.ref(parent), channel)
+    _channels[id(parent)] = (_ref(parent), channel)
     logger.debug("created gloo side group %d for group %r", generation, name)
     return channel
 

@@ -157,3 +157,17 @@ def test_barrier_and_log_logs_once_on_rank_zero_with_the_last_rank(handle_kind: 
     assert len(out[0]) == 2
     assert "epoch done" in out[0][0] and "last to arrive: rank 2" in out[0][0]
     assert "again" in out[0][1] and "barrier took" in out[0][1]
+
+
+def _creation_fails() -> dict:
+    with _Keep("accel_utils.barriers") as keep:
+        if dist.get_rank() == 1:
+            time.sleep(2.5)  # rank 0 gives up waiting for it to create the side group
+        side = _create_gloo_group(timeout=timedelta(seconds=1))
+    return {"none": side is None, "warnings": [m for lvl, m in keep.messages if lvl == "WARNING"]}
+
+
+def test_a_side_group_that_cannot_be_created_is_none_with_a_warning() -> None:
+    out = run_distributed(_creation_fails, 2)
+    assert out[0]["none"] is True
+    assert any("could not create a gloo side group" in w for w in out[0]["warnings"])
