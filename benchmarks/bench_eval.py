@@ -76,6 +76,7 @@ def accuracy(samples: list[dict], outputs: list[list[int]]) -> float:
 def main(path: str) -> None:
     with open(path) as fh:
         cfg = json.load(fh)
+    torch.set_num_threads(cfg["threads"])
     if cfg["sharded"]:
         dist.init_process_group("gloo")
     model, samples = make_model(cfg), make_samples(cfg)

@@ -70,7 +70,7 @@ def _env(backend: str) -> dict[str, str]:
 
 def _launch(script: str, nproc: int | None, cfg: dict, tmp: str, timeout: float) -> dict | list:
     """Run ``script CONFIG`` under torchrun (``nproc`` processes) or alone; its JSON result."""
-    name = f"{os.path.splitext(script)[0]}_{nproc or 1}_{cfg.get('backend', 'x')}"
+    name = f"{os.path.splitext(script)[0]}_{len(os.listdir(tmp))}"  # unique per launch
     cfg = {**cfg, "out": os.path.join(tmp, name + ".out.json")}
     cfg_path = os.path.join(tmp, name + ".json")
     with open(cfg_path, "w") as fh:
@@ -99,19 +99,22 @@ def _launch(script: str, nproc: int | None, cfg: dict, tmp: str, timeout: float)
 
 
 def _eval_record(settings: dict, tmp: str, timeout: float) -> dict:
-    cfg = {**settings["eval"], "sharded": False}
+    cfg = {**settings["eval"], "sharded": False, "threads": 1}
     n = cfg["samples"]
     alone = _launch("bench_eval.py", None, cfg, tmp, timeout)
     sharded = _launch("bench_eval.py", 2, {**cfg, "sharded": True}, tmp, timeout)
+    # for reference only: one process given both cores (torch's default thread count here)
+    cores = _launch("bench_eval.py", None, {**cfg, "threads": os.cpu_count()}, tmp, timeout)
     variants = [
-        Variant("unsharded", f"1 process scores all {n} samples", lambda: None,
-                extra={"threads_per_process": alone["threads_per_process"]}),
-        Variant("accel_utils", f"2 procs x {n // 2} samples, dp_eval_sample_shard",
-                lambda: None, extra={"threads_per_process": sharded["threads_per_process"],
-                                     "outputs_match": alone["outputs_sha1"] ==
-                                     sharded["outputs_sha1"]}),
+        Variant("unsharded", f"1 process (1 thread) scores all {n} samples", lambda: None),
+        Variant("accel_utils", f"2 procs (1 thread each) x {n // 2} samples, "
+                "dp_eval_sample_shard", lambda: None,
+                extra={"outputs_match": alone["outputs_sha1"] == sharded["outputs_sha1"]}),
+        Variant("unsharded_cores", f"1 process ({cores['threads_per_process']} threads) scores "
+                f"all {n} samples", lambda: None),
     ]
-    samples = {"unsharded": alone["times"], "accel_utils": sharded["times"]}
+    samples = {"unsharded": alone["times"], "accel_utils": sharded["times"],
+               "unsharded_cores": cores["times"]}
     return {"benchmark": "eval", "world_size": 2, "backend": "gloo", "reference": "unsharded",
             "rows": rows(variants, samples, reference="unsharded")}
 
