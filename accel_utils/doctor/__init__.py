@@ -9,7 +9,7 @@ not answer in time), 2 on bad arguments.
 
 The doctor computes nothing of its own: ranks, nodes and devices come from ``topology``, the side
 channel from ``barriers``, the shared-directory verdict from ``first_rank.path_is_shared`` (the
-routine behind ``FirstRankPerNode(local="auto")``). Only :func:`main` prints.
+routine behind ``FirstRankPerNode(local="auto")``). Only the command-line part at the end prints.
 """
 
 from __future__ import annotations

@@ -140,5 +140,6 @@ class Watch:
 
 
 def first_line(exc: BaseException) -> str:
+    """``Type: message`` on one short line (gloo's messages run to several sentences)."""
     text = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
