@@ -27,6 +27,7 @@ from accel_utils.barriers import (
     _arrive,
     _as_timeout,
     _channel,
+    _drop,
     _exchange,
     _missing,
     _post_arrival,
@@ -221,6 +222,9 @@ def _error(record: dict[str, Any]) -> Exception:
 
 
 def _raise(channel: _SideChannel, record: dict[str, Any], cause: Any = None) -> NoReturn:
+    # Every member raises on a failed guard, so all of them drop the channel (it may hold an
+    # abandoned operation) and the next guard builds a fresh one on every member alike.
+    _drop(channel)
     if record["kind"] != "timeout":
         logger.error("rank %d stops: %s", channel.rank, _error(record))
     raise _error(record) from cause
@@ -239,6 +243,7 @@ def _report_failure(entry: _Entry, exc: BaseException) -> None:
     status = torch.zeros(entry.topo.world_size, dtype=torch.int32)
     status[entry.topo.rank] = 1
     channel.group.allreduce([status])  # completes once the others arrive; nobody waits on it
+    _drop(channel)
 
 
 def _settle(entry: _Entry, status: torch.Tensor) -> None:

@@ -104,15 +104,19 @@ def _failing(fail_rank: int, other_first_nap: float, kill: bool) -> dict:
         record.update(own=f"ValueError: {exc}")
     finally:
         logging.getLogger("accel_utils").removeHandler(handler)
+    if not kill:  # the job may go on: the next guard works on every rank
+        with FirstRankPerNode() as first:
+            record["again"] = first
     return record
 
 
 def test_a_failing_first_rank_makes_every_rank_raise() -> None:
     out = run_distributed(_failing, 4, 2, 0.0, False, nodes=2, timeout=5)
-    assert out[2] == {"own": "ValueError: tokenizer exploded"}
+    assert out[2] == {"own": "ValueError: tokenizer exploded", "again": True}
     for rank in (0, 1, 3):
         assert (out[rank]["rank"], out[rank]["node"], out[rank]["exc_type"]) == (2, 1, "ValueError")
         assert "tokenizer exploded" in out[rank]["message"]
+    assert [o["again"] for o in out] == [True, False, True, False]
     from tests.harness import _pools
 
     assert "failed in its FirstRankPerNode block: ValueError" in _pools[4].last_output
