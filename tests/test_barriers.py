@@ -142,6 +142,7 @@ def _log_after_barrier(handle_kind: str) -> list:
         from accelerate import Accelerator
 
         handle = Accelerator(cpu=True)
+    dist.barrier()  # start together, whatever building the handle took on each rank
     with _Keep("accel_utils.barriers") as keep:
         if dist.get_rank() == 2:
             time.sleep(0.5)

@@ -26,7 +26,7 @@ def _interval(guard: FirstRankPerNode, nap: float) -> dict:
 
 
 def _ordering(local: bool) -> dict:
-    return _interval(FirstRankPerNode(local=local), 0.5)
+    return _interval(FirstRankPerNode(local=local), 1.0)
 
 
 def test_each_node_first_rank_goes_first_and_both_run_concurrently() -> None:
