@@ -104,7 +104,8 @@ def markdown(results: dict) -> str:
         title = TITLES[rec["benchmark"]]
         for i, row in enumerate(rec["rows"]):
             lines.append(
-                f"| {title if i == 0 else ''} | {rec['world_size']} | {rec['backend']} | "
+                f"| {title if i == 0 else ''} | {row.get('procs', rec['world_size'])} | "
+                f"{rec['backend']} | "
                 f"{row['label']} | {_fmt_time(row['median_s'])} | {row['ratio']:.2f} | "
                 f"{_notes(row)} |"
             )

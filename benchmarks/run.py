@@ -106,12 +106,13 @@ def _eval_record(settings: dict, tmp: str, timeout: float) -> dict:
     # for reference only: one process given both cores (torch's default thread count here)
     cores = _launch("bench_eval.py", None, {**cfg, "threads": os.cpu_count()}, tmp, timeout)
     variants = [
-        Variant("unsharded", f"1 process (1 thread) scores all {n} samples", lambda: None),
+        Variant("unsharded", f"1 process (1 thread) scores all {n} samples", lambda: None,
+                extra={"procs": 1}),
         Variant("accel_utils", f"2 procs (1 thread each) x {n // 2} samples, "
                 "dp_eval_sample_shard", lambda: None,
                 extra={"outputs_match": alone["outputs_sha1"] == sharded["outputs_sha1"]}),
         Variant("unsharded_cores", f"1 process ({cores['threads_per_process']} threads) scores "
-                f"all {n} samples", lambda: None),
+                f"all {n} samples", lambda: None, extra={"procs": 1}),
     ]
     samples = {"unsharded": alone["times"], "accel_utils": sharded["times"],
                "unsharded_cores": cores["times"]}
