@@ -97,13 +97,28 @@ def summarize(times: list[float]) -> dict[str, float]:
 
 
 def rows(
-    variants: list[Variant], samples: dict[str, list[float]], reference: str
+    variants: list[Variant], samples: dict[str, list[float]], reference: str,
+    paired: bool = True,
 ) -> list[dict[str, Any]]:
-    """One result row per variant, with its median as a ratio to the reference variant's."""
-    ref = statistics.median(samples[reference])
+    """One result row per variant, with its ratio to the reference variant.
+
+    Args:
+        variants: the variants, in table order.
+        samples: seconds per call, one list per variant key.
+        reference: the key of the variant that the ratios are relative to.
+        paired: sample i of every variant comes from the same repetition (timed moments
+            apart): the ratio is then the median of the per-repetition ratios, which cancels
+            the machine's slower and faster phases. Otherwise the ratio of the medians.
+    """
+    ref = samples[reference]
     out = []
     for v in variants:
-        stats = summarize(samples[v.key])
-        out.append({"key": v.key, "label": v.label, **stats,
-                    "ratio": stats["median_s"] / ref, **v.extra})
+        mine = samples[v.key]
+        stats = summarize(mine)
+        if paired:
+            ratio = statistics.median(a / b for a, b in zip(mine, ref, strict=True))
+        else:
+            ratio = stats["median_s"] / statistics.median(ref)
+        out.append({"key": v.key, "label": v.label, **stats, "ratio": ratio,
+                    "paired": paired, "samples_s": mine, **v.extra})
     return out

@@ -117,7 +117,7 @@ def _eval_record(settings: dict, tmp: str, timeout: float) -> dict:
     samples = {"unsharded": alone["times"], "accel_utils": sharded["times"],
                "unsharded_cores": cores["times"]}
     return {"benchmark": "eval", "world_size": 2, "backend": "gloo", "reference": "unsharded",
-            "rows": rows(variants, samples, reference="unsharded")}
+            "rows": rows(variants, samples, reference="unsharded", paired=False)}
 
 
 def _backends(world_size: int) -> list[str]:
