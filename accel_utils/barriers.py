@@ -184,8 +184,12 @@ def _exchange(
     tensor: torch.Tensor,
     timeout: timedelta,
     poll: Callable[[], None] | None = None,
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
 ) -> None:
-    """Sum ``tensor`` over the side channel, waiting at most ``timeout``.
+    """All-reduce ``tensor`` (sum, or ``op``) over the side channel, waiting at most ``timeout``.
+
+    Keep ``tensor`` to one element where you can: gloo's all-reduce of a few elements over 4
+    ranks took 2.5 ms here, of one element 0.43 ms.
 
     Args:
         channel: the side channel.
@@ -193,6 +197,7 @@ def _exchange(
         tensor: a small CPU tensor, reduced in place.
         timeout: how long to wait for the other ranks.
         poll: called about every half second while waiting; it may raise to stop waiting.
+        op: the reduction.
 
     Raises:
         _SideWaitFailed: the deadline passed or a peer's connection was lost.
@@ -200,7 +205,9 @@ def _exchange(
     if channel.timeout != timeout:
         _set_timeout(channel.group, timeout)
         channel.timeout = timeout
-    work = channel.group.allreduce([tensor])
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = op
+    work = channel.group.allreduce([tensor], opts)
     deadline = time.monotonic() + timeout.total_seconds() + _GRACE_S
     posted = False
     while True:

@@ -1,8 +1,8 @@
 """FirstRankPerNode: one rank per node (or per job) runs a block first; nobody hangs or lies.
 
 One status all-reduce on the group's cached gloo side channel per guard: the waiting ranks enter
-it on ``__enter__``, the first ranks on ``__exit__``, each first rank flagging its own slot if
-its block raised. A failing first rank also leaves a record (rank, node, exception) in the
+it on ``__enter__``, the first ranks on ``__exit__``; the status is one element, the highest
+failing rank + 1 (a MAX reduction; 0: all went well). A failing first rank also leaves a record (rank, node, exception) in the
 job's store and does not wait, so the others learn within a poll interval even while another
 first rank is still busy. A killed first rank breaks the gloo connections; the survivors then
 read the ranks' arrival marks to say who never finished. An empty block costs that one
@@ -22,6 +22,7 @@ from datetime import timedelta
 from typing import Any, NoReturn
 
 import torch
+import torch.distributed as dist
 
 from accel_utils.barriers import (
     _arrive,
@@ -126,7 +127,7 @@ class FirstRankPerNode(ContextDecorator):
         self._entries.append(entry)
         if topo.world_size > 1 and entry.outer is None and not entry.first:
             try:
-                _settle(entry, torch.zeros(topo.world_size, dtype=torch.int32))
+                _settle(entry)
             except BaseException:
                 stack.remove(entry)
                 self._entries.pop()
@@ -144,7 +145,7 @@ class FirstRankPerNode(ContextDecorator):
             return False
         failure = exc if exc is not None else entry.inner_failure
         if failure is None:
-            _settle(entry, torch.zeros(entry.topo.world_size, dtype=torch.int32))
+            _settle(entry)
             return False
         _report_failure(entry, failure)
         if exc is None:  # an inner guard's failure that the block caught: stop here anyway
@@ -240,15 +241,17 @@ def _report_failure(entry: _Entry, exc: BaseException) -> None:
     seq = _arrive(channel)
     _post_arrival(channel, seq)  # it did arrive: survivors must not call it missing
     _publish(channel, seq, _record(entry, exc))
-    status = torch.zeros(entry.topo.world_size, dtype=torch.int32)
-    status[entry.topo.rank] = 1
-    channel.group.allreduce([status])  # completes once the others arrive; nobody waits on it
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.MAX
+    # completes once the others arrive; nobody waits on it
+    channel.group.allreduce([torch.tensor([entry.topo.rank + 1])], opts)
     _drop(channel)
 
 
-def _settle(entry: _Entry, status: torch.Tensor) -> None:
+def _settle(entry: _Entry) -> None:
     """Join the guard's status all-reduce; raise if a first rank failed, died or timed out."""
     channel = entry.channel
+    status = torch.zeros(1, dtype=torch.int64)
     assert channel is not None
     seq = _arrive(channel)
 
@@ -258,13 +261,12 @@ def _settle(entry: _Entry, status: torch.Tensor) -> None:
             _raise(channel, record)
 
     try:
-        _exchange(channel, seq, status, entry.timeout, poll)
+        _exchange(channel, seq, status, entry.timeout, poll, dist.ReduceOp.MAX)
     except _SideWaitFailed as err:
         record = _read(channel, seq) or _diagnose(channel, seq, err, entry.timeout)
         _raise(channel, record, err)
-    failed = status.nonzero().flatten().tolist()
-    if failed:
-        record = _read(channel, seq) or {"kind": "failed", "rank": failed[0], "node": None,
+    if status.item() > 0:
+        record = _read(channel, seq) or {"kind": "failed", "rank": status.item() - 1, "node": None,
                                          "exc_type": "unknown", "message": "no record in store"}
         _raise(channel, record)
 
@@ -333,7 +335,8 @@ def path_is_shared(path: str | os.PathLike[str], group: Any = None, *,
     _step(channel, token, limit)
     name = f"{_PROBE}_{token.item():x}_node"
     marker = os.path.join(os.fspath(path), f"{name}{nodes.node_rank}")
-    flags = torch.zeros(2, dtype=torch.int64)  # [write errors, other nodes' markers seen]
+    failed = torch.zeros(1, dtype=torch.int64)  # leaders that could not write their marker
+    seen = torch.zeros(1, dtype=torch.int64)  # other nodes' markers the leaders saw
     try:
         if leader:
             try:
@@ -342,20 +345,18 @@ def path_is_shared(path: str | os.PathLike[str], group: Any = None, *,
                     fh.write(str(nodes.node_rank))
             except OSError as exc:
                 logger.error("rank %d could not write %s: %s", topo.rank, marker, exc)
-                flags[0] = 1
-        written = flags.clone()
-        _step(channel, written, limit)
-        if written[0] > 0:
-            raise OSError(f"a node leader could not write a marker into {path}")
+                failed[0] = 1
+        _step(channel, failed, limit)
+        if failed.item() > 0:
+            raise OSError(f"{failed.item()} node leader(s) could not write a marker into {path}")
         if leader:
             others = (n for n in range(nodes.num_nodes) if n != nodes.node_rank)
-            flags[1] = sum(os.path.exists(os.path.join(path, f"{name}{n}")) for n in others)
-        flags[0] = 0
-        _step(channel, flags, limit)
+            seen[0] = sum(os.path.exists(os.path.join(path, f"{name}{n}")) for n in others)
+        _step(channel, seen, limit)
     finally:
         if leader and os.path.exists(marker):
             os.remove(marker)
-    return bool(flags[1] > 0)
+    return seen.item() > 0
 
 
 def _step(channel: _SideChannel, tensor: torch.Tensor, limit: timedelta) -> None:

@@ -293,3 +293,18 @@ def test_an_empty_guard_costs_one_small_collective_and_no_store_traffic() -> Non
     out = run_distributed(_empty_guard_cost, 4, nodes=2)
     # setting up writes this rank's arrival mark and node (the counting works), then nothing
     assert all(o == {"collectives": 5, "store_calls": 0, "setup_calls": 2} for o in out), out
+
+
+def _probe_unwritable(path: str) -> str:
+    try:
+        path_is_shared(path)
+    except OSError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_directory_the_leaders_cannot_write_fails_on_every_rank(tmp_path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    out = run_distributed(_probe_unwritable, 4, str(blocker / "cache"), nodes=2)
+    assert all("2 node leader(s) could not write a marker" in o for o in out), out
