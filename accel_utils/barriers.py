@@ -268,7 +268,9 @@ def _barrier_with_timeout(timeout: Any, group: Any = None) -> bool:
 
 def _why(channel: _SideChannel, seq: int, err: _SideWaitFailed, limit: timedelta) -> str:
     missing = _missing(channel, seq)
-    cause = f"timed out after {limit.total_seconds():g}s" if err.timed_out else f"lost a peer ({err})"
+    cause = f"lost a peer ({err})"
+    if err.timed_out:
+        cause = f"timed out after {limit.total_seconds():g}s"
     who = f"rank(s) {missing} did not arrive" if missing else "every rank had arrived"
     return f"{cause}; {who}"
 

@@ -1,8 +1,9 @@
 """FirstRankPerNode: one rank per node (or per job) runs a block first; nobody hangs or lies.
 
 One status all-reduce on the group's cached gloo side channel per guard: the waiting ranks enter
-it on ``__enter__``, the first ranks on ``__exit__``; the status is one element, the highest
-failing rank + 1 (a MAX reduction; 0: all went well). A failing first rank also leaves a record (rank, node, exception) in the
+it on ``__enter__``, the first ranks on ``__exit__``. The status is one element (gloo reduces
+one element several times faster than a few): the highest failing rank + 1, by a MAX reduction,
+0 when all went well. A failing first rank also leaves a record (rank, node, exception) in the
 job's store and does not wait, so the others learn within a poll interval even while another
 first rank is still busy. A killed first rank breaks the gloo connections; the survivors then
 read the ranks' arrival marks to say who never finished. An empty block costs that one
@@ -120,7 +121,8 @@ class FirstRankPerNode(ContextDecorator):
             entry.order = self._order(topo, channel, entry.outer, limit)
             entry.first = topo.nodes.local_rank == 0 if entry.order == "local" else topo.rank == 0
             if entry.outer is not None and entry.outer.order != entry.order:
-                raise ValueError("a nested FirstRankPerNode on the same group must use the same order")
+                raise ValueError("a nested FirstRankPerNode on the same group must use the same "
+                                 "order")
             _remember_node(channel, topo)
         stack = _stack()
         stack.append(entry)

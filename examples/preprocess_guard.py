@@ -7,7 +7,8 @@ One node, two processes::
 Two nodes with node-local disks (here simulated on one host, each "node" its own directory)::
 
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 2 --master_addr 127.0.0.1 \\
-        --master_port 29533 examples/preprocess_guard.py --order local --cache-dir '/tmp/tok/node{node}'
+        --master_port 29533 examples/preprocess_guard.py --order local \\
+        --cache-dir '/tmp/tok/node{node}'
     # ... and the same with --node_rank 1 beside it
 
 ``--order global`` lets only rank 0 tokenize (a shared filesystem); ``--order auto`` finds out

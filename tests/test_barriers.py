@@ -105,7 +105,8 @@ def _late_rank(late: int, nap: float) -> dict:
         ok = _barrier_with_timeout(timedelta(seconds=1))
         # afterwards the side channel is rebuilt and works again for everybody
         again = _barrier_with_timeout(timedelta(seconds=30))
-    return {"ok": ok, "again": again, "warnings": [m for lvl, m in keep.messages if lvl == "WARNING"]}
+    warnings = [m for lvl, m in keep.messages if lvl == "WARNING"]
+    return {"ok": ok, "again": again, "warnings": warnings}
 
 
 def test_barrier_timeout_returns_false_and_names_the_missing_rank() -> None:

@@ -142,7 +142,8 @@ def test_killed_first_rank_under_torchrun_on_two_nodes() -> None:
     assert all(run.returncode != 0 for run in runs)
     node0 = runs[0].output
     for rank in (0, 1):
-        assert f"GUARD rank={rank} FirstRankFailedError rank=2 node=1 type=killed" in node0, node0[-3000:]
+        line = f"GUARD rank={rank} FirstRankFailedError rank=2 node=1 type=killed"
+        assert line in node0, node0[-3000:]
 
 
 def _slow_first_rank() -> dict:
