@@ -1,13 +1,15 @@
 """Interleaved timing of several variants inside one process group.
 
-Variants are timed in blocks, round-robin, with the order rotated every repetition, so that noise
-from a shared machine hits all of them alike and ratios stay meaningful. Every rank times every
+Variants are timed in blocks, taking turns in a new random order every repetition (the same order
+on every rank), so that noise from a shared machine hits all of them alike, no variant always
+follows the same one, and ratios stay meaningful. Every rank times every
 block; a block's time is the slowest rank's (a collective is done when its last rank is done), and
 a variant's figure is the median over repetitions after warm-up.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -64,9 +66,9 @@ def time_variants(
         ``{key: [seconds per call, ...]}`` with ``reps`` samples each, identical on every rank.
     """
     samples: dict[str, list[float]] = {v.key: [] for v in variants}
+    order = random.Random(0)  # seeded alike on every rank: the collectives must match
     for rep in range(warmup + reps):
-        shift = rep % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
+        for variant in order.sample(variants, len(variants)):
             _sync(device, sync_group)
             start = time.perf_counter()
             for _ in range(variant.inner):
