@@ -22,7 +22,13 @@ import tempfile
 
 import torch
 from datasets import Dataset, disable_progress_bars, load_from_disk
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
 
 from accel_utils import destroy_process_group
 from accel_utils.integrations.trainer import ShardedGenerationEvalMixin
@@ -37,7 +43,9 @@ class SequenceTrainer(ShardedGenerationEvalMixin, Trainer):
 
     generation_batch_size = 4
 
-    def generation_step(self, model: torch.nn.Module, samples: list[dict], **generate_kwargs) -> list[float]:
+    def generation_step(
+        self, model: torch.nn.Module, samples: list[dict], **generate_kwargs
+    ) -> list[float]:
         prompts = torch.tensor([s["input_ids"][:PROMPT] for s in samples])
         out = model.generate(
             prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=LENGTH - PROMPT,
@@ -47,7 +55,8 @@ class SequenceTrainer(ShardedGenerationEvalMixin, Trainer):
         return (out[:, PROMPT:] == targets).float().mean(dim=1).tolist()
 
     def generation_metrics(self, results: list[float]) -> dict[str, float]:
-        return {"continuation_accuracy": sum(results) / len(results), "generation_samples": len(results)}
+        accuracy = sum(results) / len(results)
+        return {"continuation_accuracy": accuracy, "generation_samples": len(results)}
 
 
 def sequences(n: int, seed: int) -> Dataset:
@@ -70,7 +79,8 @@ def build_or_load(path: str, n: int, seed: int) -> tuple[Dataset, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default=os.path.join(tempfile.gettempdir(), "accel_utils_trainer_subclass"))
+    default_dir = os.path.join(tempfile.gettempdir(), "accel_utils_trainer_subclass")
+    parser.add_argument("--output-dir", default=default_dir)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -96,8 +106,10 @@ def main() -> None:
         model=LlamaForCausalLM(config), args=training, data_collator=default_data_collator
     )
     data_dir = os.path.join(args.output_dir, f"data-v1-{VOCAB}-{LENGTH}-seed{args.seed}")
-    train, how = trainer.prepare_dataset(lambda: build_or_load(data_dir + "-train", 640, args.seed))
-    trainer.eval_dataset, _ = trainer.prepare_dataset(lambda: build_or_load(data_dir + "-eval", 24, args.seed + 1))
+    train, how = trainer.prepare_dataset(lambda: build_or_load(f"{data_dir}-train", 640, args.seed))
+    trainer.eval_dataset, _ = trainer.prepare_dataset(
+        lambda: build_or_load(f"{data_dir}-eval", 24, args.seed + 1)
+    )
     trainer.train_dataset = train
     trainer.generation_samples = trainer.eval_dataset
     sys.stdout.write(f"DATA rank {trainer.args.process_index} {how}\n")

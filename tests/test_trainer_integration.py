@@ -52,7 +52,8 @@ def _mixin_eval(fsdp2: bool) -> dict:
     ev.generation_samples = list(range(5))
     metrics = ev.evaluation_loop(None, "Evaluation", metric_key_prefix="eval").metrics
     predicted = ev.evaluation_loop(None, "Prediction", metric_key_prefix="test").metrics
-    return {"metrics": metrics, "predicted": predicted, "calls": ev.calls, "training": ev.model.training}
+    return {"metrics": metrics, "predicted": predicted, "calls": ev.calls,
+            "training": ev.model.training}
 
 
 @pytest.mark.parametrize("fsdp2", [False, True])
@@ -64,9 +65,11 @@ def test_mixin_adds_the_generation_metric(fsdp2: bool) -> None:
         assert o["training"] is True  # eval mode only while generating
         assert all(not training for _, _, training in o["calls"])
     if fsdp2:  # lockstep: every rank all samples, synced_gpus on
-        assert out[0]["calls"] == out[1]["calls"] == [([0, 1], True, False), ([2, 3], True, False), ([4], True, False)]
+        expected = [([0, 1], True, False), ([2, 3], True, False), ([4], True, False)]
+        assert out[0]["calls"] == out[1]["calls"] == expected
     else:  # DDP: disjoint shards, no cross-rank sync inside generate
-        assert [c[0] for c in out[0]["calls"]] == [[0, 1], [2]] and [c[0] for c in out[1]["calls"]] == [[3, 4]]
+        assert [c[0] for c in out[0]["calls"]] == [[0, 1], [2]]
+        assert [c[0] for c in out[1]["calls"]] == [[3, 4]]
         assert all(not synced for o in out for _, synced, _ in o["calls"])
 
 
@@ -85,7 +88,8 @@ def _mixin_failure(fail_on: int | None, short: bool) -> str:
 def test_a_failing_rank_fails_every_rank_instead_of_hanging() -> None:
     out = run_distributed(_mixin_failure, 2, 1, False, timeout=30)
     assert out[1] == "ValueError: tokenizer missing"
-    assert out[0].startswith("RuntimeError") and "rank(s) {1:" in out[0] and "tokenizer missing" in out[0]
+    assert out[0].startswith("RuntimeError") and "rank(s) {1:" in out[0]
+    assert "tokenizer missing" in out[0]
     short = run_distributed(_mixin_failure, 2, None, True, timeout=30)
     assert all(s.startswith("ValueError: generation_step returned 1 results for 2") for s in short)
 

@@ -62,7 +62,9 @@ class ShardedGenerationEvalMixin:
         with FirstRankPerNode(self.accelerator, **guard):  # type: ignore[attr-defined]
             return build()
 
-    def generation_step(self, model: torch.nn.Module, samples: list[Any], **generate_kwargs: Any) -> list[Any]:
+    def generation_step(
+        self, model: torch.nn.Module, samples: list[Any], **generate_kwargs: Any
+    ) -> list[Any]:
         """Generate for ``samples`` and return one picklable result per sample (override).
 
         Pass ``generate_kwargs`` on to ``model.generate``: it holds ``synced_gpus``, which must
@@ -71,7 +73,10 @@ class ShardedGenerationEvalMixin:
         raise NotImplementedError("implement generation_step(model, samples, **generate_kwargs)")
 
     def generation_metrics(self, results: list[Any]) -> dict[str, float]:
-        """Metrics from every sample's result, in sample order; default: their mean as ``generation_score``."""
+        """Metrics from all samples' results (in sample order); default: their mean.
+
+        The default names it ``generation_score``.
+        """
         return {"generation_score": float(sum(results) / max(1, len(results)))}
 
     def generation_evaluate(self, metric_key_prefix: str = "eval") -> dict[str, float]:
