@@ -275,6 +275,23 @@ def _why(channel: _SideChannel, seq: int, err: _SideWaitFailed, limit: timedelta
     return f"{cause}; {who}"
 
 
+def _all_reduce_or_raise(channel: _SideChannel, tensor: torch.Tensor, limit: timedelta,
+                         what: str) -> None:
+    """Sum ``tensor`` over the side channel; on failure raise, naming the missing ranks.
+
+    Raises:
+        BarrierTimeoutError: some ranks did not arrive within ``limit``.
+        RuntimeError: a peer was lost.
+    """
+    seq = _arrive(channel)
+    try:
+        _exchange(channel, seq, tensor, limit)
+    except _SideWaitFailed as err:
+        if err.timed_out:
+            raise BarrierTimeoutError(_missing(channel, seq), limit.total_seconds(), what) from err
+        raise RuntimeError(f"{what}: {_why(channel, seq, err, limit)}") from err
+
+
 def barrier_and_log(string: str, group: Any = None, *, timeout: Any = _LOG_TIMEOUT) -> None:
     """Barrier, then one log record on rank 0 with the time, the wait and the last rank to arrive.
 
@@ -301,14 +318,7 @@ def barrier_and_log(string: str, group: Any = None, *, timeout: Any = _LOG_TIMEO
         channel = _side_channel(topo.group, limit)
         if channel is None:
             raise RuntimeError("barrier_and_log: no gloo side group (see the warning above)")
-        seq = _arrive(channel)
-        try:
-            _exchange(channel, seq, torch.zeros(1), limit)
-        except _SideWaitFailed as err:
-            if err.timed_out:
-                raise BarrierTimeoutError(_missing(channel, seq), limit.total_seconds(),
-                                          "barrier_and_log") from err
-            raise RuntimeError(f"barrier_and_log: {_why(channel, seq, err, limit)}") from err
+        _all_reduce_or_raise(channel, torch.zeros(1), limit, "barrier_and_log")
         if topo.rank == 0:
             last = int(store.get("last"))
     if topo.rank == 0:

@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 
 from accel_utils import BarrierTimeoutError, FirstRankFailedError, FirstRankPerNode, resolve
-from accel_utils.first_rank import path_is_shared
+from accel_utils.shared_dir import path_is_shared
 from tests.harness import run_distributed, run_torchrun
 
 

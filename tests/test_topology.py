@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from accel_utils.topology import NodeLayout, Topology, resolve
-from tests.harness import RankFailure, launch_env, run_distributed, run_torchrun
+from tests.harness import launch_env, run_distributed, run_torchrun
 
 
 def _summary(topo: Topology) -> dict:

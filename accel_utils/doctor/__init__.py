@@ -8,7 +8,7 @@ prints them. Exit code 0 when nothing is a problem, 1 when something is (or a ra
 not answer in time), 2 on bad arguments.
 
 The doctor computes nothing of its own: ranks, nodes and devices come from ``topology``, the side
-channel from ``barriers``, the shared-directory verdict from ``first_rank.path_is_shared`` (the
+channel from ``barriers``, the shared-directory verdict from ``shared_dir.path_is_shared`` (the
 routine behind ``FirstRankPerNode(local="auto")``). Only the command-line part at the end prints.
 """
 
@@ -33,7 +33,7 @@ from accel_utils import topology
 from accel_utils.barriers import _barrier_with_timeout, _create_gloo_group
 from accel_utils.doctor.report import TRIES, Report, checks, render
 from accel_utils.doctor.watch import Watch, first_line
-from accel_utils.first_rank import path_is_shared
+from accel_utils.shared_dir import path_is_shared
 from accel_utils.lifecycle import destroy_process_group
 
 # ----------------------------------------------------------------------------- this rank's facts
