@@ -11,13 +11,14 @@ import logging
 import os
 import socket
 import sys
-import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from accel_utils._mesh import NON_DP_DIMS, mesh_groups
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +34,6 @@ LAUNCHER_VARIABLES = (
     "MASTER_ADDR",
     "MASTER_PORT",
 )
-
-# Mesh dimension names, Accelerate's first (its flattened "dp_cp" / "dp" meshes), then torch's.
-_LOSS_DIMS = ("dp_cp", "dp")
-_REPLICATE_DIMS = ("dp_replicate", "replicate")
-_SHARD_DIMS = ("dp_shard_cp", "dp_shard", "shard")
-_NON_DP_DIMS = ("tp", "cp", "sp", "pp", "ep")
-
 
 @dataclass(frozen=True)
 class NodeLayout:
@@ -250,67 +244,34 @@ def _from_group(group: dist.ProcessGroup, device: torch.device | None = None) ->
     )
 
 
-def _mesh_dim(mesh: Any, candidates: tuple[str, ...]) -> Any:
-    for name in candidates:
-        try:  # flattened dims (Accelerate's "dp_cp") are reachable by name from the root mesh
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                return mesh[name]
-        except (KeyError, RuntimeError, ValueError):
-            continue
-    return None
-
-
 def _from_mesh(mesh: Any, device: torch.device | None = None) -> Topology:
     device = device if device is not None else torch.device(mesh.device_type)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     if mesh.ndim == 1:
-        return replace(_from_group(mesh.get_group(), device), mesh=mesh)
-    names = tuple(mesh.mesh_dim_names or ())
-    if not names:  # torch's HSDP convention: (replicate, shard)
-        if mesh.ndim != 2:
-            raise ValueError("a DeviceMesh of more than 2 dimensions needs mesh_dim_names")
-        replicate, shard, tp, loss = mesh.get_group(0), mesh.get_group(1), None, None
-        whole = _flatten(mesh)
-    else:
-        replicate = _dim_group(mesh, _REPLICATE_DIMS)
-        shard = _dim_group(mesh, _SHARD_DIMS)
-        tp = _dim_group(mesh, ("tp",))
-        loss = _dim_group(mesh, _LOSS_DIMS)
-        whole = _flatten(mesh)
-    if loss is None:
-        dp_names = tuple(n for n in names if n not in _NON_DP_DIMS)
-        loss = _flatten(mesh[dp_names]) if dp_names else None
-    loss = loss if loss is not None else whole
+        topo = replace(_from_group(mesh.get_group(), device), mesh=mesh)
+        name = (mesh.mesh_dim_names or ("",))[0]
+        if name in NON_DP_DIMS:  # a tp / cp / pp mesh alone: every rank sees the same data
+            tp_size = topo.world_size if name == "tp" else 1
+            return replace(topo, dp_rank=0, dp_size=1, dp_group=None, replicate_rank=0,
+                           replicate_size=1, tp_size=tp_size)
+        return topo
+    groups = mesh_groups(mesh)
     return Topology(
-        rank=dist.get_rank(whole),
-        world_size=dist.get_world_size(whole),
-        group=whole,
+        rank=dist.get_rank(groups.whole),
+        world_size=dist.get_world_size(groups.whole),
+        group=groups.whole,
         device=device,
-        dp_rank=dist.get_rank(loss),
-        dp_size=dist.get_world_size(loss),
-        dp_group=loss,
-        replicate_rank=_rank_in(replicate),
-        replicate_size=_size_of(replicate),
-        shard_rank=_rank_in(shard),
-        shard_size=_size_of(shard),
-        tp_size=_size_of(tp),
+        dp_rank=dist.get_rank(groups.loss),
+        dp_size=dist.get_world_size(groups.loss),
+        dp_group=groups.loss,
+        replicate_rank=_rank_in(groups.replicate),
+        replicate_size=_size_of(groups.replicate),
+        shard_rank=_rank_in(groups.shard),
+        shard_size=_size_of(groups.shard),
+        tp_size=_size_of(groups.tp),
         mesh=mesh,
     )
-
-
-def _dim_group(mesh: Any, candidates: tuple[str, ...]) -> dist.ProcessGroup | None:
-    sub = _mesh_dim(mesh, candidates)
-    return None if sub is None else sub.get_group()
-
-
-def _flatten(mesh: Any) -> dist.ProcessGroup:
-    if mesh.ndim == 1:
-        return mesh.get_group()
-    if mesh.size() == dist.get_world_size():
-        return dist.group.WORLD
-    return mesh._flatten().get_group()  # private, but the only way to one group over a sub-mesh
 
 
 def _rank_in(group: dist.ProcessGroup | None) -> int:

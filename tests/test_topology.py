@@ -131,8 +131,10 @@ def _mesh_2x2() -> dict:
     named = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
     unnamed = init_device_mesh("cpu", (2, 2))
     flat = init_device_mesh("cpu", (4,), mesh_dim_names=("dp",))
+    tp = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
     return {"named": _summary(resolve(named)), "unnamed": _summary(resolve(unnamed)),
-            "flat": _summary(resolve(flat))}
+            "flat": _summary(resolve(flat)), "tp": _summary(resolve(tp)),
+            "tp_size": resolve(tp).tp_size}
 
 
 def test_device_mesh_views() -> None:
@@ -143,6 +145,9 @@ def test_device_mesh_views() -> None:
             assert views[key]["shard"] == (rank % 2, 2)
             assert views[key]["dp"] == (rank, 4)
         assert views["flat"]["dp"] == (rank, 4) and views["flat"]["replicate"] == (rank, 4)
+        # a tensor-parallel mesh alone: no data parallelism, losses are not summed over it
+        assert views["tp"]["dp"] == (0, 1) and views["tp"]["rank"] == rank
+        assert views["tp_size"] == 4
 
 
 def _accelerate_mesh() -> dict:
