@@ -20,3 +20,24 @@ def test_destroys_the_group_on_every_rank() -> None:
 def test_without_a_group_does_nothing() -> None:
     destroy_process_group()
     assert not dist.is_initialized()
+
+
+def _releases_cached_groups() -> tuple[int, int, int]:
+    import weakref
+
+    from accel_utils import barriers, resolve
+
+    barriers._barrier_with_timeout(30)  # builds and caches the side group
+    world = weakref.ref(resolve().group)
+    side = weakref.ref(barriers._create_gloo_group())
+    cached = len(barriers._channels)
+    destroy_process_group()
+    import gc
+
+    gc.collect()
+    return cached, int(world() is None), int(side() is None)
+
+
+def test_releases_every_cached_group() -> None:
+    # a group that survives into interpreter exit can abort it (gloo frees work without the GIL)
+    assert run_distributed(_releases_cached_groups, 2) == [(1, 1, 1), (1, 1, 1)]
