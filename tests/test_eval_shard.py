@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from accel_utils import dp_eval_sample_shard, gather_sharded_results, shard_samples
-from accel_utils.eval_shard import _merge
+from accel_utils.eval_samples import _merge
 from tests.harness import run_distributed
 
 VOCAB, PROMPT, NEW = 32, 5, 4

@@ -19,7 +19,8 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from accel_utils.eval_shard import dp_eval_sample_shard, gather_sharded_results, shard_samples
+from accel_utils.eval_samples import gather_sharded_results, shard_samples
+from accel_utils.eval_shard import dp_eval_sample_shard
 from accel_utils.first_rank import FirstRankPerNode
 from accel_utils.topology import resolve
 
