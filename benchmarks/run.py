@@ -40,13 +40,15 @@ FULL = {
     "reps": {"reduce_loss": {"reps": 80, "warmup": 5}, "first_rank": {"reps": 80, "warmup": 5},
              "grad_accum": {"reps": 10, "warmup": 2}},
     "grad_accum": {"k": 8, "width": 1024, "layers": 10, "rows": 8},  # 10.5M parameters
-    "eval": {"vocab": 512, "hidden": 64, "samples": 64, "new_tokens": 16, "reps": 3, "warmup": 1},
+    "eval": {"vocab": 512, "hidden": 64, "samples": 64, "new_tokens": 16, "reps": 3, "warmup": 1,
+             "all_cores_row": True},
     "import": {"reps": 7, "warmup": 1},
 }
 QUICK = {
     "reps": {s: {"reps": 2, "warmup": 1} for s in IN_GROUP},
     "grad_accum": {"k": 8, "width": 64, "layers": 2, "rows": 2},
-    "eval": {"vocab": 512, "hidden": 64, "samples": 4, "new_tokens": 2, "reps": 1, "warmup": 0},
+    "eval": {"vocab": 512, "hidden": 64, "samples": 4, "new_tokens": 2, "reps": 1, "warmup": 0,
+             "all_cores_row": False},
     "import": {"reps": 1, "warmup": 0},
 }
 
@@ -103,19 +105,20 @@ def _eval_record(settings: dict, tmp: str, timeout: float) -> dict:
     n = cfg["samples"]
     alone = _launch("bench_eval.py", None, cfg, tmp, timeout)
     sharded = _launch("bench_eval.py", 2, {**cfg, "sharded": True}, tmp, timeout)
-    # for reference only: one process given both cores (torch's default thread count here)
-    cores = _launch("bench_eval.py", None, {**cfg, "threads": os.cpu_count()}, tmp, timeout)
     variants = [
         Variant("unsharded", f"1 process (1 thread) scores all {n} samples", lambda: None,
                 extra={"procs": 1}),
         Variant("accel_utils", f"2 procs (1 thread each) x {n // 2} samples, "
                 "dp_eval_sample_shard", lambda: None,
                 extra={"outputs_match": alone["outputs_sha1"] == sharded["outputs_sha1"]}),
-        Variant("unsharded_cores", f"1 process ({cores['threads_per_process']} threads) scores "
-                f"all {n} samples", lambda: None, extra={"procs": 1}),
     ]
-    samples = {"unsharded": alone["times"], "accel_utils": sharded["times"],
-               "unsharded_cores": cores["times"]}
+    samples = {"unsharded": alone["times"], "accel_utils": sharded["times"]}
+    if cfg["all_cores_row"]:  # for reference only: one process given every core
+        cores = _launch("bench_eval.py", None, {**cfg, "threads": os.cpu_count()}, tmp, timeout)
+        variants.append(Variant("unsharded_cores", f"1 process ({cores['threads_per_process']} "
+                                f"threads) scores all {n} samples", lambda: None,
+                                extra={"procs": 1}))
+        samples["unsharded_cores"] = cores["times"]
     return {"benchmark": "eval", "world_size": 2, "backend": "gloo", "reference": "unsharded",
             "rows": rows(variants, samples, reference="unsharded", paired=False)}
 
