@@ -158,7 +158,7 @@ def chart(results: dict, path: str) -> None:
                   frameon=False)
     axes[-1, 0].set_xlabel("time / reference time (reference = first row of each panel = 1)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long variant labels stay whole
     plt.close(fig)
 
 
