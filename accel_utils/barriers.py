@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from accel_utils.errors import BarrierTimeoutError
-from accel_utils.topology import Topology, _cached, _ref, resolve
+from accel_utils._cache import IdentityCache
+from accel_utils.topology import Topology, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,7 @@ class _SideWaitFailed(RuntimeError):
         super().__init__(str(cause) if cause is not None else "deadline passed")
 
 
-# parent id -> (weak reference to the parent, its side channel); entries die with their parent
-_channels: dict[int, tuple[Any, _SideChannel]] = {}
+_channels = IdentityCache()  # parent group -> its side channel; entries die with their parent
 _generation: dict[str, int] = {}  # parent name -> side groups created, for fresh store prefixes
 
 
@@ -78,12 +78,9 @@ def _as_timeout(timeout: Any) -> timedelta:
 
 
 def _side_channel(parent: dist.ProcessGroup, timeout: timedelta) -> _SideChannel | None:
-    hit = _cached(_channels, parent)
+    hit = _channels.get(parent)
     if hit is not None:
         return hit
-    for key, (ref, _) in list(_channels.items()):  # groups destroyed since (a new world)
-        if ref() is None:
-            del _channels[key]
     name = parent.group_name
     generation = _generation.get(name, 0)
     try:
@@ -97,16 +94,14 @@ def _side_channel(parent: dist.ProcessGroup, timeout: timedelta) -> _SideChannel
     _generation[name] = generation + 1
     channel = _SideChannel(group, store, rank, size,
                            frozenset(dist.get_process_group_ranks(parent)), timeout=timeout)
-    _channels[id(parent)] = (_ref(parent), channel)
+    _channels.put(parent, channel)
     logger.debug("created gloo side group %d for group %r", generation, name)
     return channel
 
 
 def _drop(channel: _SideChannel) -> None:
     """Stop using a side group whose last operation failed; the next use builds a fresh one."""
-    for key, (_, cached) in list(_channels.items()):
-        if cached is channel:
-            del _channels[key]
+    _channels.discard_value(channel)
 
 
 def _release_all() -> None:

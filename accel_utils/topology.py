@@ -11,13 +11,13 @@ import logging
 import os
 import socket
 import sys
-import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from accel_utils._cache import IdentityCache
 from accel_utils._mesh import NON_DP_DIMS, mesh_groups
 
 logger = logging.getLogger(__name__)
@@ -127,8 +127,8 @@ def launcher_env() -> dict[str, str]:
 
 # Caches are only valid for one default group: a new init_process_group starts them afresh.
 _world_seen: list[Any] = [None]
-_topologies: dict[int, tuple[Any, Topology]] = {}
-_layouts: dict[int, tuple[Any, NodeLayout]] = {}
+_topologies = IdentityCache()
+_layouts = IdentityCache()
 
 
 def _fresh_caches() -> None:
@@ -137,20 +137,6 @@ def _fresh_caches() -> None:
         _world_seen[0] = world
         _topologies.clear()
         _layouts.clear()
-
-
-def _ref(obj: Any) -> Any:
-    try:
-        return weakref.ref(obj)
-    except TypeError:
-        return lambda: obj
-
-
-def _cached(cache: dict[int, tuple[Any, Any]], key_obj: Any) -> Any:
-    hit = cache.get(id(key_obj))
-    if hit is not None and hit[0]() is key_obj:
-        return hit[1]
-    return None
 
 
 def resolve(handle: Any = None) -> Topology:
@@ -173,11 +159,11 @@ def resolve(handle: Any = None) -> Topology:
     key_obj = handle if handle is not None else dist.group.WORLD
     state = _accelerate_state(handle)
     mesh_key = getattr(state, "device_mesh", None) if state is not None else None
-    hit = _cached(_topologies, key_obj)
+    hit = _topologies.get(key_obj)
     if hit is not None and (state is None or hit.mesh is mesh_key):
         return hit
     topo = _resolve_uncached(handle, state)
-    _topologies[id(key_obj)] = (_ref(key_obj), topo)
+    _topologies.put(key_obj, topo)
     return topo
 
 
@@ -308,11 +294,11 @@ def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
     if group is None or not dist.is_initialized():
         return NodeLayout()
     _fresh_caches()
-    hit = _cached(_layouts, group)
+    hit = _layouts.get(group)
     if hit is not None:
         return hit
     layout = _layout_from_env(group) or _layout_from_gather(group)
-    _layouts[id(group)] = (_ref(group), layout)
+    _layouts.put(group, layout)
     return layout
 
 

@@ -1,0 +1,42 @@
+"""A cache keyed by the identity of live objects (process groups, caller handles)."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+
+class IdentityCache:
+    """Values keyed by a live object's identity (a group, a handle); an entry dies with its key.
+
+    Keyed by ``id()`` with a weak reference beside it, so a recycled id never returns a stale
+    value and nothing here keeps a process group alive.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Any, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Any) -> Any:
+        hit = self._entries.get(id(key))
+        return hit[1] if hit is not None and hit[0]() is key else None
+
+    def put(self, key: Any, value: Any) -> None:
+        for k, (ref, _) in list(self._entries.items()):  # keys freed since (a new world)
+            if ref() is None:
+                del self._entries[k]
+        try:
+            ref = weakref.ref(key)
+        except TypeError:
+            ref = lambda: key  # noqa: E731 - objects without weak references stay alive
+        self._entries[id(key)] = (ref, value)
+
+    def discard_value(self, value: Any) -> None:
+        for k, (_, cached) in list(self._entries.items()):
+            if cached is value:
+                del self._entries[k]
+
+    def clear(self) -> None:
+        self._entries.clear()
