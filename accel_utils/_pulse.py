@@ -1,7 +1,7 @@
 """One background thread per side channel: heartbeats, failure polls and bounded store calls.
 
 While this rank is inside a side-channel operation (a guard's block, a wait) for longer than
-``POLL_S``, the thread beats: it writes this rank's mark (``"seq phase count"``) into the job's
+0.1 s, the thread beats: it writes this rank's mark (``"seq phase count"``) into the job's
 store, looks for a failure record of the operation, and reads every member's mark. The waiting
 thread then judges from those observations alone, so it never blocks on the store itself. A
 quick operation costs the thread nothing: it only looks at a field every ``POLL_S``.
@@ -26,6 +26,7 @@ from accel_utils.errors import SideChannelError
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often a long wait beats and looks for failure records
+_BEAT_AFTER_S = 0.1  # operations shorter than this (every quick one) never beat
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,18 @@ class Pulse:
 
     # ------------------------------------------------------------------ the operating thread
     def activate(self, seq: int, phase: str, record_key: str) -> None:
-        """This rank entered operation ``seq`` (beats start after ``POLL_S``)."""
+        """This rank entered (or, for the same ``seq``, moved on inside) operation ``seq``."""
+        old = self._active
+        if old is not None and old[0] == seq:  # a first rank leaving its block: same operation
+            self._active = (seq, phase, old[2], record_key)
+            return
         self.seen, self.watch_start = {}, None
         self._active = (seq, phase, time.monotonic(), record_key)
+
+    def lasted(self) -> float:
+        """How long this rank has been inside the active operation (0 when none)."""
+        active = self._active
+        return 0.0 if active is None else time.monotonic() - active[2]
 
     def deactivate(self) -> None:
         self._active = None
@@ -143,7 +153,7 @@ class Pulse:
     def _beat(self) -> None:
         active = self._active
         now = time.monotonic()
-        if active is None or now - active[2] < POLL_S or now - self._last_beat < POLL_S:
+        if active is None or now - active[2] < _BEAT_AFTER_S or now - self._last_beat < POLL_S:
             return
         seq, phase, _, record_key = active
         self._last_beat = now

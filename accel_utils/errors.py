@@ -80,8 +80,10 @@ class BarrierTimeoutError(_Picklable):
         self.timeout_s = timeout_s
         self.unresponsive_ranks = list(unresponsive_ranks or [])
         self.nodes = dict(nodes or {})
-        message = (f"{what} timed out after {timeout_s:g}s waiting for rank(s) "
-                   f"{self.missing_ranks}{_nodes(self.missing_ranks, nodes)}")
+        message = f"{what} timed out after {timeout_s:g}s"
+        if self.missing_ranks or not self.unresponsive_ranks:
+            message += (f" waiting for rank(s) {self.missing_ranks}"
+                        f"{_nodes(self.missing_ranks, nodes)}")
         if self.unresponsive_ranks:
             message += (f"; rank(s) {self.unresponsive_ranks}"
                         f"{_nodes(self.unresponsive_ranks, nodes)} stopped responding "
@@ -115,13 +117,16 @@ class RanksNotRespondingError(BarrierTimeoutError):
 
 
 class SideChannelError(_Picklable):
-    """The side channel itself failed: calls that do not match across ranks, or a lost store.
+    """The side channel failed: calls that do not match across ranks, a lost store or peer.
 
     Attributes:
         calls: for mismatched calls, what each rank called (rank -> description).
+        ranks: for lost peers, the ranks whose processes are gone (or the candidates).
     """
 
-    def __init__(self, message: str, calls: dict[int, str] | None = None) -> None:
-        self._args = (message, calls)
+    def __init__(self, message: str, calls: dict[int, str] | None = None,
+                 ranks: list[int] | None = None) -> None:
+        self._args = (message, calls, ranks)
         self.calls = dict(calls or {})
+        self.ranks = list(ranks or [])
         super().__init__(message)

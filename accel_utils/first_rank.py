@@ -247,10 +247,11 @@ def _settle(entry: _Entry) -> None:
         if lane.group is not None:
             lane.run(entry.seq, "guard", entry.order, _WHAT, entry.timeout, entry.liveness,
                      wait=False)
-        lane.fail(lane.read(key, entry.liveness) or seen)  # the store's copy is complete
+        lane.fail(seen, liveness=entry.liveness)
     word = lane.run(entry.seq, "guard", entry.order, _WHAT, entry.timeout, entry.liveness)
     if word & FAILED_BIT:
         rank = payload_of(word) - 1
         lane.fail(lane.read(key, entry.liveness) or {
             "kind": "failed", "rank": rank, "node": None, "exc_type": "unknown",
-            "message": "its failure record could not be read from the store", "what": _WHAT})
+            "message": "its failure record could not be read from the store", "what": _WHAT,
+            "seq": entry.seq})

@@ -49,6 +49,7 @@ _LOST_WAIT_S = 1.0  # after a lost connection: how long a failure record may tak
 _STORE_S = 30.0  # how long a failure path waits for the store when liveness is off
 _KINDS = {"create": 1, "barrier": 2, "guard": 3, "log": 4, "probe": 5}
 FAILED_BIT = 1 << 62
+CONFIRM_BIT = 1 << 61
 PAYLOAD_BITS = 30
 
 
@@ -147,9 +148,11 @@ class Lane:
         With ``wait=False`` this member only contributes (a failing rank that must not wait),
         then parks the group. Raises on every failure, naming who and why (see the module).
         """
-        word = _encode(seq, kind, label, payload, failed)
         self.label = label
         self.pulse.activate(seq, "a", self.record_key(seq))
+        # A member inside this operation for a while asks for a second round: a peer that
+        # died or froze after its share went through must not let some members pass.
+        word = _encode(seq, kind, label, payload, failed, self.pulse.lasted() > POLL_S)
         try:
             while True:
                 try:
@@ -159,6 +162,9 @@ class Lane:
                         return 0
                     deadline = time.monotonic() + limit.total_seconds() + _GRACE_S
                     self._watch(_finished(self.work), seq, what, deadline, limit, liveness)
+                    if int(tensor.item()) & CONFIRM_BIT:
+                        self._start(seq, word, what, limit, liveness)
+                        self._watch(_finished(self.work), seq, what, deadline, limit, liveness)
                     break
                 except _Regroup:
                     logger.warning("%s: the side channel failed under an earlier call; "
@@ -248,7 +254,7 @@ class Lane:
         if record is not None:
             if record["seq"] < seq:
                 raise _Regroup
-            self.fail(record)
+            self.fail(record, liveness=liveness)
         if liveness is None:
             return
         if self.pulse.stuck_for() > liveness:
@@ -278,37 +284,51 @@ class Lane:
             _keeper.park(self.group, self.work)
         self.group, self.work, self.timeout = None, None, None
 
-    def fail(self, record: dict[str, Any], cause: BaseException | None = None) -> NoReturn:
+    def fail(self, record: dict[str, Any], cause: BaseException | None = None,
+             liveness: float | None = None) -> NoReturn:
         """Abandon the group and raise the error that ``record`` describes."""
+        key = self.record_key(record["seq"])
         self.abandon()
+        if record["kind"] == "timeout":
+            record = self._complete(record, key, liveness)
         raise error_from(record, self) from cause
 
     def _timed_out(self, seq: int, what: str, limit: timedelta, liveness: float | None,
                    err: BaseException | None) -> NoReturn:
         record = self.publish(seq, {"kind": "timeout", "timeout_s": limit.total_seconds(),
                                     "what": what}, liveness)
-        if record["kind"] == "timeout" and "missing" not in record:
+        if record["kind"] == "timeout" and record["by"] == self.rank:
             missing, unresponsive = self.missing(seq, liveness)
             record.update(missing=missing, unresponsive=unresponsive)
-            if record["by"] == self.rank:  # the winner completes its record for late readers
-                self.store(lambda s: s.set(self.record_key(seq), json.dumps(record)), liveness)
-        self.fail(record, err)
+            self.store(lambda s: s.set(self.record_key(seq), json.dumps(record)), liveness)
+        self.fail(record, err, liveness)
+
+    def _complete(self, record: dict[str, Any], key: str,
+                  liveness: float | None) -> dict[str, Any]:
+        """A timeout record with the ranks its publisher names (one diagnosis for all)."""
+        end = time.monotonic() + _SETTLE_S + _LOST_WAIT_S
+        while "missing" not in record and time.monotonic() < end:
+            time.sleep(0.1)
+            record = self.read(key, liveness) or record
+        if "missing" not in record:  # the publisher went silent: judge for ourselves
+            missing, unresponsive = self.missing(record["seq"], liveness)
+            record = {**record, "missing": missing, "unresponsive": unresponsive}
+        return record
 
     def _lost(self, seq: int, what: str, liveness: float | None, err: BaseException) -> NoReturn:
         # A peer's timeout closes its connections too: its record comes first, if it comes.
-        key = self.record_key(seq)
-        end = time.monotonic() + _LOST_WAIT_S
+        key, lost_at = self.record_key(seq), time.monotonic()
+        end = lost_at + _LOST_WAIT_S
         while time.monotonic() < end:
             found = self.read(key, liveness)
             if found is not None:
-                self.fail(found, err)
+                self.fail(found, err, liveness)
             time.sleep(0.1)
         missing, _ = self.missing(seq, liveness)  # meanwhile the pulse watched every mark
-        watched = time.monotonic() - (self.pulse.watch_start or time.monotonic())
-        time.sleep(max(0.0, min(3 * POLL_S - watched, _LOST_WAIT_S)) + 0.1)
-        silent = [r for r in missing if r in self.pulse.stale(None, 3 * POLL_S)]
-        self.fail(self.publish(seq, {"kind": "died", "ranks": silent or missing, "what": what,
-                                     "label": self.label,
+        time.sleep(max(0.0, lost_at + 3 * POLL_S + 0.1 - time.monotonic()))
+        dead = self.pulse.stale(None, 2 * POLL_S)  # a live member beats every POLL_S
+        self.fail(self.publish(seq, {"kind": "died", "ranks": dead, "missing": missing,
+                                     "what": what, "label": self.label,
                                      "message": str(err).split(". This", 1)[0]}, liveness), err)
 
     def post(self, seq: int, phase: str, liveness: float | None) -> None:
@@ -376,20 +396,24 @@ def error_from(record: dict[str, Any], lane: Lane) -> Exception:
     if kind == "failed":
         return FirstRankFailedError(record["rank"], record["node"], record["exc_type"],
                                     record["message"])
-    ranks, places = record["ranks"], lane.placement(record["ranks"])
-    if what == "FirstRankPerNode":  # the label is the order: a dead first rank is the cause
-        first = [r for r in ranks if places[r] is not None and (
+    dead, places = record["ranks"], lane.placement(record["ranks"])
+    if what == "FirstRankPerNode":  # the label is the order: a dead unfinished first rank
+        first = [r for r in dead if r in record["missing"] and places[r] is not None and (
             places[r][1] == 0 if record.get("label") == "local" else r == 0)]
-        ranks = first if len(first) == 1 else ranks
-    if len(ranks) == 1:
-        place = places[ranks[0]]
-        others = [r for r in record["ranks"] if r != ranks[0]]
-        return FirstRankFailedError(
-            ranks[0], None if place is None else place[0], "died",
-            f"its process is gone (lost the connection and its heartbeat stopped"
-            f"{f'; rank(s) {others} are gone too' if others else ''}): {record['message']}")
-    return SideChannelError(f"{what}: lost the connection to a peer ({record['message']}); "
-                            f"one of rank(s) {ranks} is gone")
+        if len(first) == 1:
+            others = [r for r in dead if r != first[0]]
+            return FirstRankFailedError(
+                first[0], lane.nodes_of(first)[first[0]], "died",
+                f"its process is gone (lost the connection, its heartbeat stopped"
+                f"{f'; rank(s) {others} are gone too' if others else ''}): {record['message']}")
+    nodes = lane.nodes_of(dead)
+    where = ", ".join(f"rank {r} (node {nodes[r]})" for r in dead)
+    if dead:
+        return SideChannelError(f"{what}: {where} died: lost the connection and the heartbeat "
+                                f"({record['message']})", ranks=dead)
+    return SideChannelError(f"{what}: lost the connection to a peer ({record['message']}); no "
+                            f"rank could be named (ranks that had not arrived: "
+                            f"{record['missing']})", ranks=record["missing"])
 
 
 def _finished(work: Any) -> Callable[[timedelta], bool]:
@@ -413,11 +437,12 @@ def set_timeout(group: Any, timeout: timedelta) -> None:
     setter(timeout)
 
 
-def _encode(seq: int, kind: str, label: str, payload: int, failed: bool) -> int:
+def _encode(seq: int, kind: str, label: str, payload: int, failed: bool, confirm: bool) -> int:
     tag = _KINDS[kind] | (zlib.crc32(label.encode()) & 0x1F) << 3 | (seq & 0xFF) << 8
     if not 0 <= payload < 1 << PAYLOAD_BITS:
         raise ValueError(f"payload must fit in {PAYLOAD_BITS} bits; got {payload}")
-    return tag | (~tag & 0xFFFF) << 16 | payload << 32 | (FAILED_BIT if failed else 0)
+    return (tag | (~tag & 0xFFFF) << 16 | payload << 32 | (FAILED_BIT if failed else 0)
+            | (CONFIRM_BIT if confirm else 0))
 
 
 def payload_of(word: int) -> int:
