@@ -65,7 +65,8 @@ def _guard_fault(first_fault: str, waiting_fault: str, timeout_s: float,
         out.update(own=str(exc), at=time.time())
     finally:
         if rank != 3 or waiting_fault == "none":
-            time.sleep(3)  # every survivor has its diagnosis before the frozen rank resumes
+            if "stop" in (first_fault, waiting_fault):
+                time.sleep(3)  # every survivor has its diagnosis before the frozen rank resumes
             for pid in pids:  # resume what the test froze; the frozen rank then reports too
                 if pid != os.getpid():
                     try:
@@ -305,3 +306,22 @@ def test_errors_pickle_with_their_attributes(error: Exception) -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is type(error) and str(copy) == str(error)
     assert vars(copy) == vars(error)
+
+
+_NAMES = ("rank", "missing_ranks", "unresponsive_ranks", "ranks")
+
+
+@pytest.mark.parametrize("first_fault", ["raise", "kill", "stop", "slow"])
+@pytest.mark.parametrize("waiting_fault", ["kill", "stop"])
+def test_fault_matrix_every_survivor_raises_and_nobody_passes(first_fault: str,
+                                                              waiting_fault: str) -> None:
+    # node 1's first rank and its waiting rank both fail; node 0's ranks must say so
+    out = _run(first_fault, waiting_fault, timeout_s=4 if first_fault == "slow" else 3600,
+               liveness_s=2.0)
+    for rank in (0, 1):
+        assert "error" in out[rank] and "passed" not in out[rank], out[rank]
+        named = {r for key in _NAMES for r in (lambda v: v if isinstance(v, list) else [v])(
+            out[rank].get(key, []))}
+        assert named & {2, 3}, out[rank]
+    for rank in (2, 3):  # the faulty ranks: dead, or they raised too once resumed
+        assert isinstance(out[rank], RankFailure) or "passed" not in out[rank], out[rank]
