@@ -43,7 +43,14 @@ def get_sync_ctx(
       backward (torch crashes on ``no_sync`` before that, pytorch#187732); accumulating with an
       extra all-reduce is still exact.
     * FSDP2 (``torch.distributed.fsdp.FSDPModule``): sets the module's gradient-sync flags on
-      entry and restores their previous values on exit, also when the block raises.
+      entry through its public setters and restores their previous values on exit, also when
+      the block raises. When the block raises (say, an out-of-memory error caught to skip the
+      batch), the context also discards everything FSDP2 holds for the current accumulation
+      window: the failed micro-batch's gradient **and** those of the earlier micro-batches of
+      the same optimizer step that were not yet reduced (with deferred sync they exist only in
+      FSDP2's unsharded buffers, which ``zero_grad()`` cannot reach). Call
+      ``optimizer.zero_grad()`` and restart the step's micro-batches: the next step is then
+      exact. No collective runs on that path, so a rank that failed alone cannot hang there.
     * FSDP1 and any other wrapper with a callable ``no_sync``: ``no_sync()`` on non-final
       micro-batches.
     * DeepSpeed engines (and any run whose ``accelerator`` is a DeepSpeed one), plain modules
@@ -166,41 +173,86 @@ def _static_graph_recorded(ddp: DistributedDataParallel) -> bool:
 
 
 @contextmanager
-def _fsdp2_ctx(module: nn.Module, is_optim_step: bool, defer: DeferMode) -> Iterator[None]:
-    saved = _fsdp2_flags(module)
+def _fsdp2_ctx(module: Any, is_optim_step: bool, defer: DeferMode) -> Iterator[None]:
+    saved = [(sub, *_fsdp2_flags(sub)) for sub in _fsdp_modules(module)]
     try:
-        if defer == "replicas" and _is_hsdp(module):
+        if defer == "replicas" and is_hsdp(module):
             module.set_requires_gradient_sync(True)
             module.set_requires_all_reduce(is_optim_step)
         else:
             module.set_requires_gradient_sync(is_optim_step or not defer)
         yield
-    finally:
-        for group, reduce_grads, all_reduce_grads in saved:
-            group.reduce_grads = reduce_grads
-            group.all_reduce_grads = all_reduce_grads
+    except BaseException:
+        _discard_iteration(module)
+        raise
+    finally:  # through the public setters, per FSDP module (recurse=False)
+        for sub, reduce_grads, all_reduce_grads in saved:
+            sub.set_requires_gradient_sync(reduce_grads, recurse=False)
+            sub.set_requires_all_reduce(all_reduce_grads, recurse=False)
 
 
-def _fsdp2_flags(module: nn.Module) -> list[tuple[Any, bool, bool]]:
-    """Every FSDP parameter group under ``module`` with its (reduce, all-reduce) flags.
-
-    These are the attributes that FSDP2's public setters write; reading them is the only way
-    to restore what the caller had set before, rather than a guessed default.
-    """
+def _fsdp_modules(module: nn.Module) -> list[Any]:
     fsdp = sys.modules["torch.distributed.fsdp"]
-    flags = []
-    for sub in module.modules():
-        if isinstance(sub, fsdp.FSDPModule):
-            state = sub._get_fsdp_state()
-            groups = getattr(state, "_fsdp_param_groups", None)  # 2.13: a list; older: one
-            if groups is None:
-                groups = [g for g in (state._fsdp_param_group,) if g is not None]
-            for group in groups:
-                flags.append((group, group.reduce_grads, group.all_reduce_grads))
-    return flags
+    return [sub for sub in module.modules() if isinstance(sub, fsdp.FSDPModule)]
 
 
-def _is_hsdp(module: nn.Module) -> bool:
+def _param_groups(sub: Any) -> list[Any]:
+    """The FSDP parameter groups of one FSDP module (private state, hence the guard).
+
+    FSDP2 has setters for its gradient-sync flags but no getters, nor a way to drop the unsharded
+    gradients it accumulates while sync is off; both need these groups.
+    """
+    state = getattr(sub, "_get_fsdp_state", None)
+    state = state() if callable(state) else None
+    groups = getattr(state, "_fsdp_param_groups", None)  # torch 2.13: a list
+    if groups is None and state is not None and hasattr(state, "_fsdp_param_group"):
+        groups = [g for g in (state._fsdp_param_group,) if g is not None]  # older: one or None
+    if groups is None:
+        raise RuntimeError(
+            f"get_sync_ctx cannot read the gradient-sync state of FSDP2 modules on torch "
+            f"{torch.__version__} (FSDPModule._get_fsdp_state()._fsdp_param_groups is gone), so "
+            "it could neither restore the flags you had set nor discard the gradients of a "
+            "micro-batch that raised. Call model.set_requires_gradient_sync(is_optim_step) "
+            "yourself, or use a torch version accel-utils supports (2.11 to 2.13)."
+        )
+    return list(groups)
+
+
+def _fsdp2_flags(sub: Any) -> tuple[bool, bool]:
+    """``sub``'s (reduce-scatter, all-reduce) flags: what its public setters last wrote."""
+    groups = _param_groups(sub)
+    if not groups:  # a module without parameters of its own: FSDP2's defaults
+        return True, True
+    return bool(groups[0].reduce_grads), bool(groups[0].all_reduce_grads)
+
+
+def _discard_iteration(module: Any) -> None:
+    """After a micro-batch raised: drop what FSDP2 holds for the accumulation window.
+
+    ``reset_iter_state()`` (public, torch >= 2.13, root modules only) resets the forward /
+    backward state and HSDP's deferred partial reductions. It leaves the unsharded gradients
+    accumulated while sync was off, which ``zero_grad()`` cannot reach (they live on the
+    unsharded parameters) and the next synced backward would add to the step: clear them too.
+    No collective runs here, so a rank that failed alone cannot hang.
+    """
+    reset = getattr(module, "reset_iter_state", None)
+    if callable(reset):
+        try:
+            reset()
+        # RuntimeError: not the root module; AttributeError (torch 2.13): no forward has run yet.
+        # Neither has iteration state to reset.
+        except (RuntimeError, AttributeError) as exc:
+            logger.debug("FSDP2 reset_iter_state skipped: %s", exc)
+    for sub in _fsdp_modules(module):
+        for group in _param_groups(sub):
+            for param in group.fsdp_params:
+                param.unsharded_accumulated_grad = None  # reduce_dtype accumulation
+                unsharded = getattr(param, "_unsharded_param", None)  # absent until first unshard
+                if unsharded is not None:
+                    unsharded.grad = None
+
+
+def is_hsdp(module: nn.Module) -> bool:
     # FSDP2 lays HSDP parameters out as (Replicate(), Shard(0), ...) on a mesh of >= 2 dims.
     from torch.distributed.tensor import DTensor, Replicate
 

@@ -332,7 +332,10 @@ def _fsdp_restore_on_error() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from accel_utils.grad_sync import _fsdp2_flags
+    from accel_utils.grad_sync import _fsdp2_flags, _fsdp_modules
+
+    def flags(root: nn.Module) -> list[list[bool]]:
+        return [list(_fsdp2_flags(sub)) for sub in _fsdp_modules(root)]
 
     mesh = init_device_mesh("cpu", (2,))
     first, second = _model(), _model()
@@ -340,15 +343,15 @@ def _fsdp_restore_on_error() -> dict:
         fully_shard(root.mid, mesh=mesh)
         fully_shard(root, mesh=mesh)
     second.set_requires_all_reduce(False)  # a prior state the caller chose: must come back
-    before = [[list(f[1:]) for f in _fsdp2_flags(m)] for m in (first, second)]
+    before = [flags(m) for m in (first, second)]
     inside = None
     try:
         with get_sync_ctx([first, second], False, True):
-            inside = [[list(f[1:]) for f in _fsdp2_flags(m)] for m in (first, second)]
+            inside = [flags(m) for m in (first, second)]
             raise RuntimeError("a micro-batch failed")
     except RuntimeError:
         pass
-    after = [[list(f[1:]) for f in _fsdp2_flags(m)] for m in (first, second)]
+    after = [flags(m) for m in (first, second)]
     return {"before": before, "inside": inside, "after": after}
 
 
