@@ -39,7 +39,7 @@ _KINDS = {
 _ACCEPTED = (
     "an accelerate.Accelerator, an accelerate.ParallelismConfig, an accelerate.DistributedType, "
     "one of the strings 'ddp', 'fsdp', 'fsdp2', 'hsdp', 'deepspeed_zero0'..'deepspeed_zero3', "
-    "'megatron_fsdp', 'tp', a config object named after one of them (DDPConfig, FSDP2Config, "
+    "'megatron_fsdp', 'tp', a torch DeviceMesh, a config object named after one of them (DDPConfig, FSDP2Config, "
     "MegatronFSDPConfig, ...), or the model itself (a torch.nn.Module)"
 )
 
@@ -64,6 +64,9 @@ def dp_eval_sample_shard(
     * an ``Accelerator`` or the model: optional; read from its topology (state, FSDP plugin,
       DeepSpeed stage, device mesh; DDP process group or DTensor placements) and, when given,
       checked against it (this rank's index and size of the data-parallel group).
+    * a ``DeviceMesh``: optional, checked like the Accelerator's; the mesh's dimension names say
+      the layout (``dp`` / ``dp_replicate`` replicas; ``dp_shard``, ``tp`` and ``cp`` ranks
+      score the same samples in lockstep).
     * a ``ParallelismConfig``: this rank's index in the whole data-parallel group and its size
       (``dp_replicate x dp_shard``); the replicate coordinate follows Accelerate's mesh order
       (``dp_replicate`` outermost). Omitted, they come from the default group in that order.
@@ -97,6 +100,11 @@ def dp_eval_sample_shard(
             return _topology_shard(topo, _accelerator_kind(distributed_config.state))
         if isinstance(distributed_config, accelerate.ParallelismConfig):
             return _from_parallelism_config(distributed_config, dp_rank, dp_size)
+    device_mesh = sys.modules.get("torch.distributed.device_mesh")
+    if device_mesh is not None and isinstance(distributed_config, device_mesh.DeviceMesh):
+        topo = resolve(distributed_config)
+        _check(topo, dp_rank, dp_size, "the device mesh")
+        return _topology_shard(topo, REPLICATED)  # its dimension names say what is sharded
     kind = _named_kind(distributed_config)
     if kind == SHARDED:
         return None

@@ -42,7 +42,8 @@ def reduce_loss(
             micro-batches.
         dp_group: what to reduce over: anything :func:`accel_utils.resolve` accepts (a
             ProcessGroup, an Accelerator or PartialState, a DeviceMesh); the reduction runs over
-            its data-parallel view (``dp_cp`` with context parallelism, never ``tp``). ``None``
+            its loss group (:attr:`Topology.loss_group`: data-parallel times context-parallel
+            ranks, never ``tp``). ``None``
             is the default group, like everywhere in accel-utils (the seed reduced nothing for
             ``None``); without an initialised process group nothing is reduced.
 
@@ -120,8 +121,8 @@ def _reduce_on_device(
 
 def _all_reduce(packed: torch.Tensor, dp_group: Any) -> None:
     topo = resolve(dp_group)  # cached per group object: a dict look-up on the hot path
-    if topo.dp_size > 1:
-        dist.all_reduce(packed, op=_SUM, group=topo.dp_group)
+    if topo.loss_size > 1:
+        dist.all_reduce(packed, op=_SUM, group=topo.loss_group)
 
 
 def _check_losses(loss_store: Sequence[torch.Tensor]) -> None:

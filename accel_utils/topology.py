@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from accel_utils._cache import IdentityCache
-from accel_utils._mesh import NON_DP_DIMS, mesh_groups
+from accel_utils import _mesh
+from accel_utils._mesh import mesh_groups
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +57,17 @@ class NodeLayout:
 class Topology:
     """The parallel layout seen by one process, for one group.
 
-    Ranks are relative to ``group``. The data-parallel view (``dp_*``) is the group over which
-    losses are averaged (Accelerate's ``dp_cp``, never ``tp``); ``replicate_*`` / ``shard_*``
-    split it into full model replicas and the shards inside one replica (HSDP). Without a mesh
-    every data-parallel rank is presumed to hold a full replica.
+    Ranks are relative to ``group``. Two data-parallel views:
+
+    * ``loss_*``: the group losses and token counts are summed over: data-parallel ranks times
+      context-parallel ranks (Accelerate's ``dp_cp``; never ``tp``), since under context
+      parallelism every cp rank holds a part of each sequence.
+    * ``dp_*``: the data-parallel ranks alone, which see different samples (eval samples are
+      sharded over them, never across cp ranks that run one sequence together).
+
+    ``replicate_*`` / ``shard_*`` split the data-parallel ranks into full model replicas and the
+    shards inside one replica (HSDP). Without a mesh every data-parallel rank is presumed to
+    hold a full replica, and the loss group is the data-parallel group.
     """
 
     rank: int = 0
@@ -69,39 +77,30 @@ class Topology:
     dp_rank: int = 0
     dp_size: int = 1
     dp_group: dist.ProcessGroup | None = None
+    loss_rank: int = 0
+    loss_size: int = 1
+    loss_group: dist.ProcessGroup | None = None
     replicate_rank: int = 0
     replicate_size: int = 1
     shard_rank: int = 0
     shard_size: int = 1
     tp_size: int = 1
+    cp_size: int = 1
     mesh: Any = None
 
     @property
     def distributed_enabled(self) -> bool:
+        """More than one process in ``group``."""
         return self.world_size > 1
 
     @property
-    def dp_enabled(self) -> bool:
-        return self.dp_size > 1
-
-    @property
-    def replicate_enabled(self) -> bool:
-        return self.replicate_size > 1
-
-    @property
-    def shard_enabled(self) -> bool:
-        return self.shard_size > 1
-
-    @property
-    def tp_enabled(self) -> bool:
-        return self.tp_size > 1
-
-    @property
     def is_main(self) -> bool:
+        """Rank 0 of ``group``."""
         return self.rank == 0
 
     @property
     def backend(self) -> str | None:
+        """The backend of ``group`` (None without one)."""
         return None if self.group is None else str(dist.get_backend(self.group))
 
     @property
@@ -137,6 +136,7 @@ def _fresh_caches() -> None:
         _world_seen[0] = world
         _topologies.clear()
         _layouts.clear()
+        _mesh.clear()
 
 
 def resolve(handle: Any = None) -> Topology:
@@ -225,6 +225,9 @@ def _from_group(group: dist.ProcessGroup, device: torch.device | None = None) ->
         dp_rank=rank,
         dp_size=size,
         dp_group=group,
+        loss_rank=rank,
+        loss_size=size,
+        loss_group=group,
         replicate_rank=rank,
         replicate_size=size,
     )
@@ -234,28 +237,25 @@ def _from_mesh(mesh: Any, device: torch.device | None = None) -> Topology:
     device = device if device is not None else torch.device(mesh.device_type)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
-    if mesh.ndim == 1:
-        topo = replace(_from_group(mesh.get_group(), device), mesh=mesh)
-        name = (mesh.mesh_dim_names or ("",))[0]
-        if name in NON_DP_DIMS:  # a tp / cp / pp mesh alone: every rank sees the same data
-            tp_size = topo.world_size if name == "tp" else 1
-            return replace(topo, dp_rank=0, dp_size=1, dp_group=None, replicate_rank=0,
-                           replicate_size=1, tp_size=tp_size)
-        return topo
     groups = mesh_groups(mesh)
     return Topology(
         rank=dist.get_rank(groups.whole),
         world_size=dist.get_world_size(groups.whole),
         group=groups.whole,
         device=device,
-        dp_rank=dist.get_rank(groups.loss),
-        dp_size=dist.get_world_size(groups.loss),
-        dp_group=groups.loss,
-        replicate_rank=_rank_in(groups.replicate),
-        replicate_size=_size_of(groups.replicate),
+        dp_rank=_rank_in(groups.data),
+        dp_size=_size_of(groups.data),
+        dp_group=groups.data,
+        loss_rank=_rank_in(groups.loss),
+        loss_size=_size_of(groups.loss),
+        loss_group=groups.loss,
+        # without replicate / shard dims, every data-parallel rank holds a replica
+        replicate_rank=_rank_in(groups.replicate if groups.shard else groups.data),
+        replicate_size=_size_of(groups.replicate if groups.shard else groups.data),
         shard_rank=_rank_in(groups.shard),
         shard_size=_size_of(groups.shard),
         tp_size=_size_of(groups.tp),
+        cp_size=_size_of(groups.cp),
         mesh=mesh,
     )
 
