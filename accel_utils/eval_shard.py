@@ -15,6 +15,12 @@ from typing import Any
 
 import torch
 
+from accel_utils._layout import (
+    accelerate_layout_name,
+    dtensor_layout,
+    is_deepspeed_engine,
+    unwrap_compiled,
+)
 from accel_utils._mesh import NON_DP_DIMS
 from accel_utils.eval_samples import Shard
 from accel_utils.topology import Topology, resolve
@@ -97,7 +103,8 @@ def dp_eval_sample_shard(
         if isinstance(distributed_config, accelerate.Accelerator):
             topo = resolve(distributed_config)
             _check(topo, dp_rank, dp_size, "the Accelerator")
-            return _topology_shard(topo, _accelerator_kind(distributed_config.state))
+            kind = _named_kind(accelerate_layout_name(distributed_config.state))
+            return _topology_shard(topo, kind)
         if isinstance(distributed_config, accelerate.ParallelismConfig):
             return _from_parallelism_config(distributed_config, dp_rank, dp_size)
     device_mesh = sys.modules.get("torch.distributed.device_mesh")
@@ -167,19 +174,6 @@ def _topology_shard(topo: Topology, kind: str) -> Shard | None:
     return None
 
 
-def _accelerator_kind(state: Any) -> str:
-    kind = str(getattr(state.distributed_type, "value", state.distributed_type))
-    if kind == "DEEPSPEED":
-        return SHARDED if state.deepspeed_plugin.zero_stage == 3 else REPLICATED
-    if kind == "FSDP":
-        plugin = state.fsdp_plugin
-        if getattr(plugin, "fsdp_version", 1) == 2:
-            return SHARDED  # HSDP shows in the device mesh
-        strategy = str(getattr(plugin, "sharding_strategy", "FULL_SHARD")).upper()
-        return REPLICATED if "NO_SHARD" in strategy else HYBRID if "HYBRID" in strategy else SHARDED
-    return _named_kind(kind)
-
-
 def _from_parallelism_config(pc: Any, dp_rank: int | None, dp_size: int | None) -> Shard | None:
     replicate, shard = pc.dp_replicate_size, pc.dp_shard_size
     if dp_rank is None:
@@ -199,9 +193,7 @@ def _from_parallelism_config(pc: Any, dp_rank: int | None, dp_size: int | None) 
 
 
 def _from_model(model: torch.nn.Module, dp_rank: int | None, dp_size: int | None) -> Shard | None:
-    inner = model
-    while hasattr(inner, "_orig_mod"):  # torch.compile's OptimizedModule
-        inner = inner._orig_mod
+    inner = unwrap_compiled(model)
     if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
         topo = resolve(inner.process_group)
         _check(topo, dp_rank, dp_size, "the DDP model's process group")
@@ -212,11 +204,11 @@ def _from_model(model: torch.nn.Module, dp_rank: int | None, dp_size: int | None
         _check(topo, dp_rank, dp_size, "the FSDP model's process group")
         no_shard = inner.sharding_strategy == fsdp.ShardingStrategy.NO_SHARD
         return _topology_shard(topo, REPLICATED) if no_shard else None
-    if callable(getattr(inner, "zero_optimization_stage", None)):  # a DeepSpeed engine
+    if is_deepspeed_engine(inner):
         topo = resolve()
         _check(topo, dp_rank, dp_size, "the default group")
         return None if inner.zero_optimization_stage() == 3 else _topology_shard(topo, REPLICATED)
-    layout = _dtensor_layout(inner)
+    layout = dtensor_layout(inner)
     if layout is None:  # plain tensors: a replica per rank of the default group
         topo = resolve()
         _check(topo, dp_rank, dp_size, "the default group (the model holds plain tensors)")
@@ -229,21 +221,3 @@ def _from_model(model: torch.nn.Module, dp_rank: int | None, dp_size: int | None
     names = tuple(mesh.mesh_dim_names or ())
     replicate_dim = next((i for i, name in enumerate(names) if "replicate" in name), 0)
     return _topology_shard(topo, SHARDED) if replicate_dim in replicated_dims else None
-
-
-def _dtensor_layout(model: torch.nn.Module) -> tuple[Any, set[int]] | None:
-    """The device mesh of the model's DTensor parameters and the dims all of them replicate."""
-    tensor_module = sys.modules.get("torch.distributed.tensor")
-    if tensor_module is None:  # no DTensor can exist before its module is imported
-        return None
-    found = [
-        (p.device_mesh, p.placements)
-        for p in model.parameters()
-        if isinstance(p, tensor_module.DTensor)
-    ]
-    if not found:
-        return None
-    mesh = found[0][0]
-    if any(other != mesh for other, _ in found):  # e.g. TP on a sub-mesh beside FSDP
-        return max((m for m, _ in found), key=lambda m: m.ndim), set()
-    return mesh, {d for d in range(mesh.ndim) if all(pl[d].is_replicate() for _, pl in found)}

@@ -4,7 +4,6 @@ micro-batch, for DDP, FSDP2 (HSDP included), FSDP1 and lists of model parts."""
 from __future__ import annotations
 
 import logging
-import sys
 import weakref
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any, Iterator, Literal, Union
@@ -13,6 +12,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from accel_utils._layout import (
+    is_deepspeed_engine,
+    is_deepspeed_run,
+    is_fsdp2,
+    is_hsdp,
+    sync_gradients,
+    unwrap_compiled,
+)
 from accel_utils.topology import resolve
 
 logger = logging.getLogger(__name__)
@@ -97,7 +104,7 @@ def get_sync_ctx(
     if is_optim_step is None:
         if accelerator is None:
             raise TypeError("is_optim_step=None needs accelerator= (it then means sync_gradients)")
-        is_optim_step = bool(accelerator.sync_gradients)
+        is_optim_step = sync_gradients(accelerator)
     if not isinstance(is_optim_step, bool):
         raise TypeError(f"is_optim_step must be a bool (or None); got {is_optim_step!r}")
     parts = tuple(model) if isinstance(model, (list, tuple)) else (model,)
@@ -108,8 +115,7 @@ def get_sync_ctx(
             raise TypeError(
                 f"model must be a torch.nn.Module or a list of them; got {type(part).__name__}"
             )
-    # DistributedType is a str enum: equal to its value, though str() of it is not
-    if accelerator is not None and getattr(accelerator, "distributed_type", None) == "DEEPSPEED":
+    if is_deepspeed_run(accelerator):
         return nullcontext()
     if not resolve().distributed_enabled:
         return nullcontext()
@@ -131,11 +137,10 @@ def _all_parts(
 def _part_ctx(
     part: nn.Module, is_optim_step: bool, defer: DeferMode
 ) -> AbstractContextManager[None]:
-    module = getattr(part, "_orig_mod", part)  # torch.compile's wrapper
-    if any(cls.__name__ == "DeepSpeedEngine" for cls in type(module).__mro__):
+    module = unwrap_compiled(part)
+    if is_deepspeed_engine(module):
         return nullcontext()
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # FSDP2 modules exist only once it is imported
-    if fsdp is not None and isinstance(module, fsdp.FSDPModule):
+    if is_fsdp2(module):
         return _fsdp2_ctx(module, is_optim_step, defer)
     if is_optim_step:
         return nullcontext()
@@ -192,8 +197,7 @@ def _fsdp2_ctx(module: Any, is_optim_step: bool, defer: DeferMode) -> Iterator[N
 
 
 def _fsdp_modules(module: nn.Module) -> list[Any]:
-    fsdp = sys.modules["torch.distributed.fsdp"]
-    return [sub for sub in module.modules() if isinstance(sub, fsdp.FSDPModule)]
+    return [sub for sub in module.modules() if is_fsdp2(sub)]
 
 
 def _param_groups(sub: Any) -> list[Any]:
@@ -250,13 +254,3 @@ def _discard_iteration(module: Any) -> None:
                 unsharded = getattr(param, "_unsharded_param", None)  # absent until first unshard
                 if unsharded is not None:
                     unsharded.grad = None
-
-
-def is_hsdp(module: nn.Module) -> bool:
-    # FSDP2 lays HSDP parameters out as (Replicate(), Shard(0), ...) on a mesh of >= 2 dims.
-    from torch.distributed.tensor import DTensor, Replicate
-
-    for param in module.parameters():
-        if isinstance(param, DTensor):
-            return param.device_mesh.ndim >= 2 and isinstance(param.placements[0], Replicate)
-    return False
