@@ -19,14 +19,23 @@ from torch import nn
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
     """``model`` without its ``torch.compile`` wrappers (``OptimizedModule._orig_mod``)."""
-    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        model = model._orig_mod
+    inner = getattr(model, "_orig_mod", None)
+    while isinstance(inner, nn.Module):
+        model, inner = inner, getattr(inner, "_orig_mod", None)
     return model
 
 
 def is_deepspeed_engine(model: nn.Module) -> bool:
     """A DeepSpeed engine (by class name: deepspeed is never imported here)."""
     return any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
+
+
+def deepspeed_stage(model: nn.Module) -> int | None:
+    """The ZeRO stage of a DeepSpeed engine; None for any other module."""
+    if not is_deepspeed_engine(model):
+        return None
+    stage: Any = model.zero_optimization_stage  # an engine method nn.Module's typing can't see
+    return int(stage())
 
 
 def is_fsdp2(model: nn.Module) -> bool:

@@ -13,9 +13,12 @@ torch 2.13 deprecates nor the private ``DeviceMesh._flatten`` is needed.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 # Dimension names. Data dims split the batch into different samples; cp splits each sequence,
 # so losses and token counts are summed over data x cp (Accelerate's "dp_cp" dims, torchtitan's
@@ -44,7 +47,7 @@ class MeshGroups(NamedTuple):
     cp: dist.ProcessGroup | None
 
 
-def mesh_groups(mesh: Any) -> MeshGroups:
+def mesh_groups(mesh: DeviceMesh) -> MeshGroups:
     """The groups of ``mesh`` by dimension name; an unnamed 1-D mesh is data-parallel and an
     unnamed 2-D mesh follows torch's HSDP convention ``(replicate, shard)``.
 
@@ -78,13 +81,14 @@ def _default_names(ndim: int) -> tuple[str, ...]:
     raise ValueError("a DeviceMesh of more than 2 dimensions needs mesh_dim_names")
 
 
-def _group_over(mesh: Any, dims: list[int]) -> dist.ProcessGroup | None:
+def _group_over(mesh: DeviceMesh, dims: list[int]) -> dist.ProcessGroup | None:
     """One group over ``dims`` of ``mesh`` holding this rank (None for no dims)."""
     if not dims:
         return None
     if len(dims) == 1:
         return mesh.get_group(dims[0])
     coordinate = mesh.get_coordinate()
+    assert coordinate is not None  # mesh_groups checked membership
     index = tuple(slice(None) if d in dims else coordinate[d] for d in range(mesh.ndim))
     ranks = tuple(int(r) for r in mesh.mesh[index].flatten().tolist())
     if len(ranks) == dist.get_world_size():

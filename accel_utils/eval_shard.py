@@ -17,8 +17,8 @@ import torch
 
 from accel_utils._layout import (
     accelerate_layout_name,
+    deepspeed_stage,
     dtensor_layout,
-    is_deepspeed_engine,
     unwrap_compiled,
 )
 from accel_utils._mesh import NON_DP_DIMS
@@ -45,8 +45,8 @@ _KINDS = {
 _ACCEPTED = (
     "an accelerate.Accelerator, an accelerate.ParallelismConfig, an accelerate.DistributedType, "
     "one of the strings 'ddp', 'fsdp', 'fsdp2', 'hsdp', 'deepspeed_zero0'..'deepspeed_zero3', "
-    "'megatron_fsdp', 'tp', a torch DeviceMesh, a config object named after one of them (DDPConfig, FSDP2Config, "
-    "MegatronFSDPConfig, ...), or the model itself (a torch.nn.Module)"
+    "'megatron_fsdp', 'tp', a torch DeviceMesh, a config object named after one of them "
+    "(DDPConfig, FSDP2Config, MegatronFSDPConfig, ...), or the model itself (a torch.nn.Module)"
 )
 
 
@@ -120,7 +120,7 @@ def dp_eval_sample_shard(
             "'hsdp' carries no mesh: pass dp_rank=<replicate rank> and dp_size=<number of "
             "replicas>, or pass the Accelerator, the device mesh's model or a ParallelismConfig"
         )
-    if dp_rank is None:
+    if dp_rank is None or dp_size is None:  # _validate: both or neither
         topo = resolve()
         dp_rank, dp_size = topo.dp_rank, topo.dp_size
     return (dp_rank, dp_size) if dp_size > 1 else None
@@ -204,10 +204,11 @@ def _from_model(model: torch.nn.Module, dp_rank: int | None, dp_size: int | None
         _check(topo, dp_rank, dp_size, "the FSDP model's process group")
         no_shard = inner.sharding_strategy == fsdp.ShardingStrategy.NO_SHARD
         return _topology_shard(topo, REPLICATED) if no_shard else None
-    if is_deepspeed_engine(inner):
+    stage = deepspeed_stage(inner)
+    if stage is not None:
         topo = resolve()
         _check(topo, dp_rank, dp_size, "the default group")
-        return None if inner.zero_optimization_stage() == 3 else _topology_shard(topo, REPLICATED)
+        return None if stage == 3 else _topology_shard(topo, REPLICATED)
     layout = dtensor_layout(inner)
     if layout is None:  # plain tensors: a replica per rank of the default group
         topo = resolve()

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from typing import Any, Iterator, Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -24,10 +25,10 @@ from accel_utils.topology import resolve
 
 logger = logging.getLogger(__name__)
 
-DeferMode = Union[bool, Literal["replicas"]]
+DeferMode = bool | Literal["replicas"]
 
 # Static-graph DDP models already told that they sync until their graph is recorded.
-_static_graph_logged: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_static_graph_logged: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def get_sync_ctx(

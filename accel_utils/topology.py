@@ -11,14 +11,14 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from accel_utils._cache import IdentityCache
 from accel_utils import _mesh
+from accel_utils._cache import IdentityCache
 from accel_utils._mesh import mesh_groups
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def resolve(handle: Any = None) -> Topology:
     key_obj = handle if handle is not None else dist.group.WORLD
     state = _accelerate_state(handle)
     mesh_key = getattr(state, "device_mesh", None) if state is not None else None
-    hit = _topologies.get(key_obj)
+    hit: Topology | None = _topologies.get(key_obj)
     if hit is not None and (state is None or hit.mesh is mesh_key):
         return hit
     topo = _resolve_uncached(handle, state)
@@ -185,7 +185,7 @@ def _resolve_uncached(handle: Any, state: Any) -> Topology:
     if state is not None:
         return _from_accelerate(state)
     if handle is None:
-        return _from_group(dist.group.WORLD)
+        return _from_group(_world_group())
     if handle is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group() returns to non-members
         raise ValueError(
             f"this process (global rank {dist.get_rank()}) is not a member of the given group; "
@@ -201,6 +201,13 @@ def _resolve_uncached(handle: Any, state: Any) -> Topology:
         "expected None, an accelerate.Accelerator, an accelerate.PartialState, a "
         f"torch.distributed.ProcessGroup or a DeviceMesh; got {type(handle).__name__}"
     )
+
+
+def _world_group() -> dist.ProcessGroup:
+    world = dist.group.WORLD
+    if world is None:  # callers checked dist.is_initialized()
+        raise RuntimeError("torch.distributed has no default process group")
+    return world
 
 
 def _group_device(group: dist.ProcessGroup) -> torch.device:
@@ -235,7 +242,7 @@ def _from_group(group: dist.ProcessGroup, device: torch.device | None = None) ->
 
 def _from_mesh(mesh: Any, device: torch.device | None = None) -> Topology:
     device = device if device is not None else torch.device(mesh.device_type)
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+    if device == torch.device("cuda") and torch.cuda.is_available():  # no index: the current one
         device = torch.device("cuda", torch.cuda.current_device())
     groups = mesh_groups(mesh)
     return Topology(
@@ -279,14 +286,14 @@ def _from_accelerate(state: Any) -> Topology:
             claimed,
             world,
         )
-        return _from_group(dist.group.WORLD)
+        return _from_group(_world_group())
     device = getattr(state, "device", None)
     if device is not None and device.type == "cpu":
         device = torch.device("cpu")  # Accelerate says "cpu:0"; CPU tensors have no index
     mesh = getattr(state, "device_mesh", None)
     if mesh is not None:
         return _from_mesh(mesh, device)
-    return _from_group(dist.group.WORLD, device)
+    return _from_group(_world_group(), device)
 
 
 def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
@@ -294,7 +301,7 @@ def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
     if group is None or not dist.is_initialized():
         return NodeLayout()
     _fresh_caches()
-    hit = _layouts.get(group)
+    hit: NodeLayout | None = _layouts.get(group)
     if hit is not None:
         return hit
     layout = _layout_from_env(group) or _layout_from_gather(group)

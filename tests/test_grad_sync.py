@@ -78,8 +78,8 @@ def _train(model: nn.Module, inner: nn.Module, loss_group, steps: int, sync_ctx)
         # the reference: one process, the union of every rank's micro-batches
         ref_opt.zero_grad()
         batches = [_batch(r, step, k) for r in range(world) for k in range(K)]
-        total = sum(_loss_sum(ref, i, l) for i, l in batches)
-        ref_tokens = sum(int((l != -100).sum()) for _, l in batches)
+        total = sum(_loss_sum(ref, ids, lab) for ids, lab in batches)
+        ref_tokens = sum(int((lab != -100).sum()) for _, lab in batches)
         (total / ref_tokens).backward()
         ref_grads = dict(ref.named_parameters())
         err = 0.0

@@ -5,7 +5,8 @@ raises no warning of its own (UserWarnings are errors around its calls)."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
