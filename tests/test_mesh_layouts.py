@@ -23,6 +23,13 @@ def _mesh(layout: str) -> Any:
         from accelerate.parallelism_config import ParallelismConfig
 
         return ParallelismConfig(dp_shard_size=2, cp_size=2).build_device_mesh("cpu")
+    if layout == "accelerate_flat_dp_cp":  # Accelerate's flattened loss mesh, handed out alone
+        from accelerate.parallelism_config import ParallelismConfig
+
+        root = ParallelismConfig(dp_shard_size=2, cp_size=2).build_device_mesh("cpu")
+        # torch 2.13's way to reach a flattened mesh without slicing it from the root: flatten
+        # the same dims under the same name again (returns the one Accelerate made)
+        return root["dp_shard", "cp"]._flatten("dp_cp")
     if layout == "dp_cp_on_4_of_8":  # every rank builds it; ranks 4..7 are not in it
         return DeviceMesh("cpu", [[0, 1], [2, 3]], mesh_dim_names=("dp", "cp"))
     shapes = {
@@ -69,6 +76,8 @@ CASES: dict[str, Case] = {
     "cp": (4, lambda r: [0, 1, 2, 3], lambda r: None, 4, 1),
     # FSDP shards over dp_shard: every rank of a replica scores the same samples
     "accelerate_dp_shard_cp": (4, lambda r: [0, 1, 2, 3], lambda r: None, 2, 1),
+    # data and cp ranks mixed in one dim: a loss group, but no eval shard (cp_size unknown: 1)
+    "accelerate_flat_dp_cp": (4, lambda r: [0, 1, 2, 3], lambda r: None, 1, 1),
     "dp_replicate_dp_shard_cp": (8, lambda r: list(range(8)), lambda r: (r // 4, 2), 2, 1),
     "dp_cp_tp": (8, lambda r: [r % 2 + 2 * i for i in range(4)], lambda r: (r // 4, 2), 2, 2),
     "dp_cp_on_4_of_8": (8, lambda r: [0, 1, 2, 3], lambda r: (r // 2, 2), 2, 1),
