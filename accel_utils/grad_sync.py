@@ -241,13 +241,22 @@ def _discard_iteration(module: Any) -> None:
     No collective runs here, so a rank that failed alone cannot hang.
     """
     reset = getattr(module, "reset_iter_state", None)
-    if callable(reset):
+    if not callable(reset):
+        logger.warning(
+            "torch %s lacks FSDPModule.reset_iter_state (torch >= 2.13): after a micro-batch "
+            "that raised, FSDP2's iteration state is not reset and the next step may be wrong; "
+            "upgrade torch, or restart from a checkpoint", torch.__version__,
+        )
+    else:
         try:
             reset()
-        # RuntimeError: not the root module; AttributeError (torch 2.13): no forward has run yet.
-        # Neither has iteration state to reset.
-        except (RuntimeError, AttributeError) as exc:
-            logger.debug("FSDP2 reset_iter_state skipped: %s", exc)
+        except AttributeError:  # torch 2.13 before the first forward: nothing to reset yet
+            pass
+        except RuntimeError as exc:  # not the root FSDP module: the root's state stays
+            logger.warning(
+                "FSDP2 iteration state not reset after a micro-batch raised (%s): pass "
+                "get_sync_ctx the root FSDP module (the one fully_shard was applied to last)", exc,
+            )
     for sub in _fsdp_modules(module):
         for group in _param_groups(sub):
             for param in group.fsdp_params:

@@ -1,8 +1,10 @@
 """Where the parallel layout lives: one frozen dataclass and the resolver that builds it.
 
 Every feature of accel-utils asks :func:`resolve` for a :class:`Topology` instead of deriving
-ranks, nodes or groups itself. This module is the only reader of launcher environment variables
-and of Accelerate / DeviceMesh internals.
+ranks, nodes or groups itself. This module and its two siblings are the only readers of
+launcher environment variables and of Accelerate / DeviceMesh / model-layout internals:
+:mod:`accel_utils._mesh` (a mesh's groups by dimension name) and :mod:`accel_utils._layout`
+(what a model's wrappers and DTensor placements, or an Accelerate state, say).
 """
 
 from __future__ import annotations

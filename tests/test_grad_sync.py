@@ -285,7 +285,8 @@ def _count_collectives():
     return counts, restore
 
 
-def _fsdp_run(mesh_shape: tuple[int, ...], defer) -> dict:
+def fsdp_model(mesh_shape: tuple[int, ...]) -> tuple[TinyLM, object]:
+    """The tiny model under FSDP2 (1-D mesh) or HSDP (2-D), and its mesh."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -295,6 +296,11 @@ def _fsdp_run(mesh_shape: tuple[int, ...], defer) -> dict:
     for unit in (model.embed, model.mid, model.head):
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)  # the root holds no parameters of its own: 3 units
+    return model, mesh
+
+
+def _fsdp_run(mesh_shape: tuple[int, ...], defer) -> dict:
+    model, mesh = fsdp_model(mesh_shape)
     counts, restore = _count_collectives()
     try:  # reduce_loss over the mesh: the loss is averaged over every data-parallel rank
         out = _train(model, model, mesh, 2, lambda last: get_sync_ctx(model, last, defer))

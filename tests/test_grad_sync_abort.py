@@ -11,7 +11,7 @@ from torch import nn
 
 from accel_utils import get_sync_ctx
 from tests.harness import run_distributed
-from tests.test_grad_sync import K, _batch, _loss_sum, _model, _train
+from tests.test_grad_sync import K, _batch, _loss_sum, _model, _train, fsdp_model
 
 # where the aborted micro-batch raises: after its forward, inside its backward, after its backward
 WHERE = ("forward", "backward", "after")
@@ -65,15 +65,7 @@ def _run_after_abort(make, position: int, where: str) -> float:
 
 def _fsdp(mesh_shape: tuple[int, ...], defer):
     def make():
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        names = ("dp_replicate", "dp_shard") if len(mesh_shape) == 2 else ("dp_shard",)
-        mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
-        model = _model()
-        for unit in (model.embed, model.mid, model.head):
-            fully_shard(unit, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model, mesh = fsdp_model(mesh_shape)
         return model, model, mesh, lambda last: get_sync_ctx(model, last, defer)
 
     return make
@@ -125,6 +117,40 @@ def _without_private_state() -> str:
     except RuntimeError as exc:
         return str(exc)
     return ""
+
+
+def _reset_warnings() -> list[str]:
+    import logging
+
+    records: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger, handler = logging.getLogger("accel_utils.grad_sync"), _Keep()
+    logger.addHandler(handler)
+    try:
+        model, _, _, _ = _fsdp((2,), True)()
+        _loss_sum(model, *_batch(dist.get_rank(), 0, 0)).backward()  # the root is initialised
+        for part in (model.mid, model):  # a non-root part, then a torch without the method
+            if part is model:
+                model.reset_iter_state = None  # type: ignore[assignment]
+            try:
+                with get_sync_ctx(part, False):
+                    raise MicroBatchFailed("out of memory (simulated)")
+            except MicroBatchFailed:
+                pass
+    finally:
+        logger.removeHandler(handler)
+    return records
+
+
+def test_fsdp2_reset_that_cannot_run_is_logged() -> None:
+    for records in run_distributed(_reset_warnings, 2):
+        assert len(records) == 2, records
+        assert "pass get_sync_ctx the root FSDP module" in records[0]
+        assert "reset_iter_state (torch >= 2.13)" in records[1]
 
 
 def test_fsdp2_private_state_missing_names_the_remedy() -> None:
