@@ -33,6 +33,9 @@ class IdentityCache:
             ref = lambda: key  # noqa: E731 - objects without weak references stay alive
         self._entries[id(key)] = (ref, value)
 
+    def values(self) -> list[Any]:
+        return [value for ref, value in self._entries.values() if ref() is not None]
+
     def discard_value(self, value: Any) -> None:
         for k, (_, cached) in list(self._entries.items()):
             if cached is value:

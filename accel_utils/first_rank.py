@@ -1,46 +1,42 @@
 """FirstRankPerNode: one rank per node (or per job) runs a block first; nobody hangs or lies.
 
-One status all-reduce on the group's cached gloo side channel per guard: the waiting ranks enter
-it on ``__enter__``, the first ranks on ``__exit__``. The status is one element (gloo reduces
-one element several times faster than a few): the highest failing rank + 1, by a MAX reduction,
-0 when all went well. A failing first rank also leaves a record (rank, node, exception) in the
-job's store and does not wait, so the others learn within a poll interval even while another
-first rank is still busy. A killed first rank breaks the gloo connections; the survivors then
-read the ranks' arrival marks to say who never finished. An empty block costs that one
-all-reduce: the store is only used by waits longer than a poll interval and on failures.
+A guard is one operation on the group's side channel (:mod:`accel_utils.side_channel`): the
+waiting ranks enter its one-element all-reduce on ``__enter__``, the first ranks on ``__exit__``.
+A failing first rank publishes a record (rank, node, exception) in the job's store, contributes
+a set failure bit without waiting and raises its own exception at once; the others learn from
+the bit, or from the record within a poll interval while another first rank is still busy.
+While a guard lasts, every member's heartbeat runs, so a frozen or unreachable member is named
+after ``liveness`` instead of the whole ``timeout``. An empty block costs the one all-reduce.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from contextlib import ContextDecorator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from accel_utils.barriers import (
-    _arrive,
-    _as_timeout,
-    _channel,
-    _drop,
-    _exchange,
-    _missing,
-    _post_arrival,
-    _SideChannel,
-    _SideWaitFailed,
-)
-from accel_utils.errors import BarrierTimeoutError, FirstRankFailedError
+from accel_utils.errors import describe
 from accel_utils.shared_dir import path_is_shared
-from accel_utils.topology import Topology
+from accel_utils.side_channel import (
+    DEFAULT_LIVENESS,
+    FAILED_BIT,
+    PAYLOAD_BITS,
+    Lane,
+    as_liveness,
+    as_timeout,
+    error_from,
+    lane_for,
+    payload_of,
+)
+from accel_utils.topology import Topology, resolve
 
 logger = logging.getLogger(__name__)
 
+_WHAT = "FirstRankPerNode"
 _active = threading.local()  # the guards this thread is inside of, outermost first
 
 
@@ -50,7 +46,9 @@ class _Entry:
 
     topo: Topology
     timeout: timedelta
-    channel: _SideChannel | None = None
+    liveness: float | None
+    lane: Lane | None = None
+    seq: int = 0
     order: str = "global"
     first: bool = True
     outer: _Entry | None = None  # set when an enclosing guard already orders this block
@@ -63,20 +61,29 @@ class FirstRankPerNode(ContextDecorator):
     ``with FirstRankPerNode(accelerator) as first:`` runs the block at once on the first ranks;
     the others wait (on the gloo side channel, at most ``timeout``) until every first rank has
     finished its block, then run it. Usable as a decorator and nested (an inner guard on the
-    same group and order is ordered by the outer one already and costs nothing).
+    same group and order is ordered by the outer one already and costs nothing). Guards from
+    several threads are fine: each thread has its own side channel, matched across ranks by
+    thread name.
 
     Args:
         group: anything :func:`accel_utils.resolve` accepts; only its members take part.
         local: True: each node's local rank 0 goes first; False: only rank 0 of the group;
             ``"auto"``: probe once whether ``path`` is shared between nodes (see
             :func:`path_is_shared`) and use global order if it is, per-node order if not.
-        timeout: how long a rank waits for the first ranks (default 10 hours).
+        timeout: how long a rank waits for the first ranks (default 10 hours, at most 30 days).
+            The seed's ``__enter__(timeout=...)`` is still accepted; this is the way with ``with``.
         path: the cache directory, required with ``local="auto"`` only.
+        liveness: how long (seconds or a timedelta) a member's heartbeat may stop while the
+            guard lasts before every other member raises :class:`RanksNotRespondingError`
+            naming it (frozen or unreachable); None turns it off. A block that holds the GIL
+            longer than this (one long C call) looks frozen: raise it for such blocks.
 
     Raises (on entry or exit):
         FirstRankFailedError: on every other rank when a first rank's block raised or its
-            process died; the failing rank raises its own exception (and logs it).
-        BarrierTimeoutError: a first rank did not finish within ``timeout`` (names it).
+            process died; the failing rank raises its own exception (and logs it) at once.
+        BarrierTimeoutError: a first rank did not finish within ``timeout`` (names it), or
+            (:class:`RanksNotRespondingError`) a member stopped responding.
+        SideChannelError: ranks made different guard / barrier calls, or the store was lost.
         ValueError / TypeError: bad arguments, or nested guards over overlapping groups that
             would wait on each other.
 
@@ -89,8 +96,9 @@ class FirstRankPerNode(ContextDecorator):
         group: Any = None,
         *,
         local: bool | str = True,
-        timeout: timedelta = timedelta(hours=10),
+        timeout: Any = timedelta(hours=10),
         path: str | os.PathLike[str] | None = None,
+        liveness: Any = DEFAULT_LIVENESS,
     ) -> None:
         if local is not True and local is not False and local != "auto":
             raise ValueError(f"local must be True, False or 'auto'; got {local!r}")
@@ -100,71 +108,83 @@ class FirstRankPerNode(ContextDecorator):
             raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")
         self.group = group
         self.local = local
-        self.timeout = _as_timeout(timeout)
+        self.timeout = as_timeout(timeout)
+        self.liveness = as_liveness(liveness)
         self.path = None if path is None else os.fspath(path)
-        self._entries: list[_Entry] = []
+        self._threads = threading.local()  # one instance may guard blocks in several threads
 
-    def __enter__(self, timeout: timedelta | None = None) -> bool:
+    def _entries(self) -> list[_Entry]:
+        if not hasattr(self._threads, "entries"):
+            self._threads.entries = []
+        return self._threads.entries
+
+    def __enter__(self, timeout: Any = None) -> bool:
         """Wait for the first ranks unless this rank is one; True on the ranks that go first.
 
         Args:
             timeout: overrides the constructor's ``timeout`` for this entry (the seed's place).
         """
-        limit = self.timeout if timeout is None else _as_timeout(timeout)
-        topo, channel = _channel(self.group, limit)
-        entry = _Entry(topo, limit, channel)
-        if topo.world_size > 1:
-            if channel is None:
-                raise RuntimeError("FirstRankPerNode: no gloo side group (see the warning above)")
-            entry.outer = _enclosing(channel)
-            entry.order = self._order(topo, channel, entry.outer, limit)
+        limit = self.timeout if timeout is None else as_timeout(timeout)
+        topo = resolve(self.group)
+        entry = _Entry(topo, limit, self.liveness)
+        if topo.world_size > 1 and topo.group is not None:
+            lane = entry.lane = lane_for(topo.group)
+            entry.outer = _enclosing(lane)
+            entry.order = self._order(topo, entry.outer, limit)
             entry.first = topo.nodes.local_rank == 0 if entry.order == "local" else topo.rank == 0
             if entry.outer is not None and entry.outer.order != entry.order:
                 raise ValueError("a nested FirstRankPerNode on the same group must use the same "
                                  "order")
-            _remember_node(channel, topo)
-        stack = _stack()
-        stack.append(entry)
-        self._entries.append(entry)
-        if topo.world_size > 1 and entry.outer is None and not entry.first:
+            if not lane.memo.get("node"):  # once per lane: lets survivors name a rank's node
+                place = f"{topo.nodes.node_rank} {topo.nodes.local_rank}"
+                lane.store(lambda s: s.set(f"node/{lane.rank}", place), self.liveness)
+                lane.memo["node"] = True
+            if entry.outer is None:
+                entry.seq = lane.begin()
+                if lane.group is None:  # first ranks too: a rank that dies in its block then
+                    lane.connect(entry.seq, _WHAT, limit, self.liveness)  # closes connections
+                if entry.first:  # beats while the block runs: a frozen first rank is named
+                    lane.pulse.activate(entry.seq, "w", lane.record_key(entry.seq))
+        _stack().append(entry)
+        self._entries().append(entry)
+        if entry.lane is not None and entry.outer is None and not entry.first:
             try:
                 _settle(entry)
             except BaseException:
-                stack.remove(entry)
-                self._entries.pop()
+                _stack().remove(entry)
+                self._entries().pop()
                 raise
         return entry.first
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        entry = self._entries.pop()
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        entry = self._entries().pop()
         _stack().remove(entry)
-        if entry.channel is None or not entry.first:
-            return False  # alone, or a waiting rank: its own exception (if any) propagates
+        if entry.lane is None or not entry.first:
+            return  # alone, or a waiting rank: its own exception (if any) propagates
         if entry.outer is not None:  # the outer guard reports a failure in here to the others
             if exc is not None and entry.outer.first:
                 entry.outer.inner_failure = exc
-            return False
+            return
         failure = exc if exc is not None else entry.inner_failure
         if failure is None:
             _settle(entry)
-            return False
+            return
         _report_failure(entry, failure)
         if exc is None:  # an inner guard's failure that the block caught: stop here anyway
-            raise _error(_record(entry, failure)) from failure
-        return False
+            raise error_from(_record(entry, failure), entry.lane) from failure
 
-    def _order(self, topo: Topology, channel: _SideChannel, outer: _Entry | None,
-               limit: timedelta) -> str:
+    def _order(self, topo: Topology, outer: _Entry | None, limit: timedelta) -> str:
         if self.local != "auto":
             return "local" if self.local else "global"
-        assert self.path is not None
-        probes = channel.memo.setdefault("shared", {})
+        assert self.path is not None and topo.group is not None
+        probes = lane_for(topo.group).memo.setdefault("shared", {})
         key = os.path.realpath(self.path)
         if key not in probes:
             if outer is not None:
                 raise ValueError("a nested FirstRankPerNode(local='auto') needs its path probed "
                                  "outside the enclosing guard first")
-            probes[key] = path_is_shared(self.path, topo.group, timeout=limit)
+            probes[key] = path_is_shared(self.path, topo.group, timeout=limit,
+                                         liveness=self.liveness)
             if topo.rank == 0:
                 logger.info("FirstRankPerNode: %s is %s -> %s order", self.path,
                             "shared between nodes" if probes[key] else "node-local",
@@ -178,12 +198,12 @@ def _stack() -> list[_Entry]:
     return _active.stack
 
 
-def _enclosing(channel: _SideChannel) -> _Entry | None:
-    """The active guard on the same side channel, if any; rejects guards that would deadlock."""
+def _enclosing(lane: Lane) -> _Entry | None:
+    """The active guard on the same lane, if any; rejects guards that would deadlock."""
     for entry in reversed(_stack()):
-        if entry.channel is channel:
+        if entry.lane is lane:
             return entry
-        if entry.channel is not None and entry.channel.ranks & channel.ranks:
+        if entry.lane is not None and entry.lane.ranks & lane.ranks:
             raise ValueError(
                 "nested FirstRankPerNode guards over different but overlapping groups would wait "
                 "on each other; nest guards on the same group and order only"
@@ -191,112 +211,47 @@ def _enclosing(channel: _SideChannel) -> _Entry | None:
     return None
 
 
-def _key(seq: int) -> str:
-    return f"guard/{seq}/failure"
-
-
 def _record(entry: _Entry, exc: BaseException) -> dict[str, Any]:
     return {"kind": "failed", "rank": entry.topo.rank, "node": entry.topo.nodes.node_rank,
-            "exc_type": type(exc).__name__, "message": str(exc)[:2000]}
-
-
-def _publish(channel: _SideChannel, seq: int, record: dict[str, Any]) -> None:
-    try:  # first writer wins: later ranks only echo the first diagnosis
-        channel.store.compare_set(_key(seq), "", json.dumps(record))
-    except Exception:  # noqa: BLE001 - the store's host is gone; the flags still tell
-        logger.debug("could not publish a guard failure record", exc_info=True)
-
-
-def _read(channel: _SideChannel, seq: int) -> dict[str, Any] | None:
-    try:
-        if channel.store.check([_key(seq)]):
-            return json.loads(channel.store.get(_key(seq)))
-    except Exception:  # noqa: BLE001 - the store's host is gone
-        logger.debug("could not read a guard failure record", exc_info=True)
-    return None
-
-
-def _error(record: dict[str, Any]) -> Exception:
-    if record["kind"] == "timeout":
-        return BarrierTimeoutError(record["missing"], record["timeout_s"], "FirstRankPerNode")
-    return FirstRankFailedError(record["rank"], record["node"], record["exc_type"],
-                                record["message"])
-
-
-def _raise(channel: _SideChannel, record: dict[str, Any], cause: Any = None) -> NoReturn:
-    # Every member raises on a failed guard, so all of them drop the channel (it may hold an
-    # abandoned operation) and the next guard builds a fresh one on every member alike.
-    _drop(channel)
-    if record["kind"] != "timeout":
-        logger.error("rank %d stops: %s", channel.rank, _error(record))
-    raise _error(record) from cause
+            "exc_type": type(exc).__name__, "message": describe(exc)[:2000], "what": _WHAT,
+            "seq": entry.seq}
 
 
 def _report_failure(entry: _Entry, exc: BaseException) -> None:
-    """A first rank's block raised: say so in the store and the status, without waiting."""
-    channel = entry.channel
-    assert channel is not None
+    """A first rank's block raised: record it and set the failure bit, without waiting."""
+    lane = entry.lane
+    assert lane is not None
     logger.error("rank %d (node %d) failed in its FirstRankPerNode block: %s: %s",
-                 entry.topo.rank, entry.topo.nodes.node_rank, type(exc).__name__, exc,
+                 entry.topo.rank, entry.topo.nodes.node_rank, type(exc).__name__, describe(exc),
                  exc_info=(type(exc), exc, exc.__traceback__))
-    seq = _arrive(channel)
-    _post_arrival(channel, seq)  # it did arrive: survivors must not call it missing
-    _publish(channel, seq, _record(entry, exc))
-    opts = dist.AllreduceOptions()
-    opts.reduceOp = dist.ReduceOp.MAX
-    # completes once the others arrive; nobody waits on it
-    channel.group.allreduce([torch.tensor([entry.topo.rank + 1])], opts)
-    _drop(channel)
+    try:
+        lane.publish(entry.seq, _record(entry, exc), entry.liveness)
+        if lane.group is not None:  # else the others are still connecting: the record tells
+            lane.run(entry.seq, "guard", entry.order, _WHAT, entry.timeout, entry.liveness,
+                     payload=min(entry.topo.rank + 1, (1 << PAYLOAD_BITS) - 1), failed=True,
+                     wait=False)
+    except Exception:  # noqa: BLE001 - its own exception is what this rank must raise
+        logger.debug("could not report the failure to the other ranks", exc_info=True)
+    finally:
+        lane.pulse.deactivate()
+        lane.abandon()
 
 
 def _settle(entry: _Entry) -> None:
-    """Join the guard's status all-reduce; raise if a first rank failed, died or timed out."""
-    channel = entry.channel
-    status = torch.zeros(1, dtype=torch.int64)
-    assert channel is not None
-    seq = _arrive(channel)
-
-    def poll() -> None:
-        record = _read(channel, seq)
-        if record is not None:
-            _raise(channel, record)
-
-    try:
-        _exchange(channel, seq, status, entry.timeout, poll, dist.ReduceOp.MAX)
-    except _SideWaitFailed as err:
-        record = _read(channel, seq) or _diagnose(channel, seq, err, entry.timeout)
-        _raise(channel, record, err)
-    if status.item() > 0:
-        record = _read(channel, seq) or {"kind": "failed", "rank": status.item() - 1, "node": None,
-                                         "exc_type": "unknown", "message": "no record in store"}
-        _raise(channel, record)
-
-
-def _remember_node(channel: _SideChannel, topo: Topology) -> None:
-    # Once per side channel: lets survivors name the node of a rank that died.
-    if not channel.memo.get("roster"):
-        channel.store.set(f"node/{channel.rank}", str(topo.nodes.node_rank))
-        channel.memo["roster"] = True
-
-
-def _diagnose(channel: _SideChannel, seq: int, err: _SideWaitFailed,
-              timeout: timedelta) -> dict[str, Any]:
-    """Turn a failed wait without a failure record into one, and publish it for the others."""
-    missing = _missing(channel, seq)
-    if err.timed_out:
-        record: dict[str, Any] = {"kind": "timeout", "missing": missing,
-                                  "timeout_s": timeout.total_seconds()}
-    else:
-        rank = missing[0] if len(missing) == 1 else None
-        node = None
-        try:
-            if rank is not None and channel.store.check([f"node/{rank}"]):
-                node = int(channel.store.get(f"node/{rank}"))
-        except Exception:  # noqa: BLE001 - the store's host is gone
-            logger.debug("could not read the node of rank %s", rank, exc_info=True)
-        who = "it" if rank is not None else f"one of rank(s) {missing}"
-        record = {"kind": "died", "rank": rank, "node": node, "exc_type": "killed",
-                  "message": f"lost the connection while {who} had not finished its block "
-                             f"(killed or crashed?): {err}"}
-    _publish(channel, seq, record)
-    return _read(channel, seq) or record
+    """Join the guard's all-reduce; raise if a first rank failed, died, froze or timed out."""
+    lane = entry.lane
+    assert lane is not None
+    key = lane.record_key(entry.seq)
+    seen = lane.pulse.records.get(key)
+    if seen is not None and seen["seq"] == entry.seq:  # heard of a failure during its block
+        if lane.group is not None:
+            lane.run(entry.seq, "guard", entry.order, _WHAT, entry.timeout, entry.liveness,
+                     wait=False)
+        lane.fail(seen, liveness=entry.liveness)
+    word = lane.run(entry.seq, "guard", entry.order, _WHAT, entry.timeout, entry.liveness)
+    if word & FAILED_BIT:
+        rank = payload_of(word) - 1
+        lane.fail(lane.read(key, entry.liveness) or {
+            "kind": "failed", "rank": rank, "node": None, "exc_type": "unknown",
+            "message": "its failure record could not be read from the store", "what": _WHAT,
+            "seq": entry.seq})

@@ -7,7 +7,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from accel_utils import barriers, topology
+from accel_utils import side_channel, topology
 
 logger = logging.getLogger(__name__)
 
@@ -34,5 +34,5 @@ def destroy_process_group() -> None:
     # exit can abort it: its gloo worker thread releases finished work that owns Python objects
     # after the interpreter stopped giving out the GIL. Freed here, its destructor joins them.
     topology._fresh_caches()
-    barriers._release_all()
+    side_channel.release_all()
     logger.debug("process group destroyed")

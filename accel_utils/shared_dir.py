@@ -12,9 +12,9 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-import torch
-
-from accel_utils.barriers import _all_reduce_or_raise, _as_timeout, _channel
+from accel_utils.side_channel import (DEFAULT_LIVENESS, as_liveness, as_timeout, lane_for,
+                                      payload_of)
+from accel_utils.topology import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -23,18 +23,19 @@ _WHAT = "path_is_shared"
 
 
 def path_is_shared(path: str | os.PathLike[str], group: Any = None, *,
-                   timeout: timedelta = timedelta(minutes=5)) -> bool:
+                   timeout: Any = timedelta(minutes=5), liveness: Any = DEFAULT_LIVENESS) -> bool:
     """Whether ``path`` is one directory shared by all nodes of ``group``.
 
     Collective over ``group``'s members: each node's local rank 0 writes a marker naming its
     node into ``path`` (created if missing), all wait, each looks for the other nodes' markers,
-    then the markers are removed. Three small all-reduces on the side channel. Marker names
-    are new each time, so NFS's cached negative lookups cannot hide them.
+    then the markers are removed. Three one-element all-reduces on the side channel. Marker
+    names are new each time, so NFS's cached negative lookups cannot hide them.
 
     Args:
         path: the directory to probe.
         group: anything :func:`accel_utils.resolve` accepts.
         timeout: how long each step waits for the other ranks.
+        liveness: see :func:`accel_utils.barriers._barrier_with_timeout`.
 
     Returns:
         True when any node sees another node's marker (a shared, or partly shared, filesystem:
@@ -42,23 +43,25 @@ def path_is_shared(path: str | os.PathLike[str], group: Any = None, *,
 
     Raises:
         OSError: a node leader could not write its marker (on every rank).
-        BarrierTimeoutError / RuntimeError: a rank did not take part in time or was lost.
+        BarrierTimeoutError / SideChannelError: a rank did not take part in time or was lost.
     """
-    limit = _as_timeout(timeout)
-    topo, channel = _channel(group, limit)
+    limit, live = as_timeout(timeout), as_liveness(liveness)
+    topo = resolve(group)
     nodes = topo.nodes
-    if nodes.num_nodes == 1 or topo.world_size == 1:
+    if nodes.num_nodes == 1 or topo.world_size == 1 or topo.group is None:
         return True
-    if channel is None:
-        raise RuntimeError("path_is_shared: no gloo side group (see the warning above)")
+    lane = lane_for(topo.group)
+
+    def step(bits: int) -> int:  # the OR of every rank's bits
+        return payload_of(lane.run(lane.begin(), "probe", "", _WHAT, limit, live, bits))
+
     leader = nodes.local_rank == 0
-    token = torch.tensor([secrets.randbits(62) if topo.rank == 0 else 0])
-    _all_reduce_or_raise(channel, token, limit, _WHAT)
-    name = f"{_PROBE}_{token.item():x}_node"
+    node_bit = 1 << min(nodes.node_rank, 29)  # nodes past 29 share the last bit
+    token = step(secrets.randbits(30) if topo.rank == 0 else 0)
+    name = f"{_PROBE}_{token:x}_{lane.seq}_node"
     marker = os.path.join(os.fspath(path), f"{name}{nodes.node_rank}")
-    failed = torch.zeros(1, dtype=torch.int64)  # leaders that could not write their marker
-    seen = torch.zeros(1, dtype=torch.int64)  # other nodes' markers the leaders saw
     try:
+        failed = 0  # this leader could not write its marker
         if leader:
             try:
                 os.makedirs(path, exist_ok=True)
@@ -66,15 +69,16 @@ def path_is_shared(path: str | os.PathLike[str], group: Any = None, *,
                     fh.write(str(nodes.node_rank))
             except OSError as exc:
                 logger.error("rank %d could not write %s: %s", topo.rank, marker, exc)
-                failed[0] = 1
-        _all_reduce_or_raise(channel, failed, limit, _WHAT)
-        if failed.item() > 0:
-            raise OSError(f"{failed.item()} node leader(s) could not write a marker into {path}")
+                failed = node_bit
+        failed = step(failed)
+        if failed:
+            raise OSError(f"{bin(failed).count('1')} node leader(s) could not write a marker "
+                          f"into {path}")
+        seen = 0  # this leader saw another node's marker
         if leader:
             others = (n for n in range(nodes.num_nodes) if n != nodes.node_rank)
-            seen[0] = sum(os.path.exists(os.path.join(path, f"{name}{n}")) for n in others)
-        _all_reduce_or_raise(channel, seen, limit, _WHAT)
+            seen = int(any(os.path.exists(os.path.join(path, f"{name}{n}")) for n in others))
+        return step(seen) > 0
     finally:
         if leader and os.path.exists(marker):
             os.remove(marker)
-    return seen.item() > 0

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from accel_utils import FirstRankPerNode, barrier_and_log
-from accel_utils import barriers
+from accel_utils import side_channel
 from accel_utils.barriers import _barrier_with_timeout, _create_gloo_group
 from tests.harness import run_distributed
 
@@ -113,7 +113,7 @@ def test_barrier_timeout_returns_false_and_names_the_missing_rank() -> None:
     out = run_distributed(_late_rank, 4, 2, 3.0, timeout=30)
     for rank in (0, 1, 3):
         assert out[rank]["ok"] is False
-        assert any("rank(s) [2] did not arrive" in w for w in out[rank]["warnings"])
+        assert any("waiting for rank(s) [2]" in w for w in out[rank]["warnings"])
     assert out[2]["ok"] is False  # the late rank learns that the others gave up
     assert all(o["again"] for o in out)
 
@@ -121,7 +121,7 @@ def test_barrier_timeout_returns_false_and_names_the_missing_rank() -> None:
 def _gloo_timeout_is_reset() -> str:
     # the accessor that makes a cached group honour a new timeout (private before torch 2.13)
     side = _create_gloo_group()
-    barriers._set_timeout(side, timedelta(milliseconds=700))
+    side_channel.set_timeout(side, timedelta(milliseconds=700))
     if dist.get_rank() == 0:
         try:
             side.allreduce([torch.zeros(1)]).wait()

@@ -133,7 +133,7 @@ def test_a_killed_first_rank_is_named_by_the_survivors() -> None:
     out = run_distributed(_failing, 4, 2, 0.0, True, nodes=2, timeout=5, expect_ok=False)
     assert out[2].exc_type == "died"
     for rank in (0, 1, 3):
-        assert (out[rank]["rank"], out[rank]["node"], out[rank]["exc_type"]) == (2, 1, "killed")
+        assert (out[rank]["rank"], out[rank]["node"], out[rank]["exc_type"]) == (2, 1, "died")
 
 
 def test_killed_first_rank_under_torchrun_on_two_nodes() -> None:
@@ -142,7 +142,7 @@ def test_killed_first_rank_under_torchrun_on_two_nodes() -> None:
     assert all(run.returncode != 0 for run in runs)
     node0 = runs[0].output
     for rank in (0, 1):
-        line = f"GUARD rank={rank} FirstRankFailedError rank=2 node=1 type=killed"
+        line = f"GUARD rank={rank} FirstRankFailedError rank=2 node=1 type=died"
         assert line in node0, node0[-3000:]
 
 
@@ -264,35 +264,22 @@ def test_example_global_order_on_one_node(tmp_path) -> None:
 
 
 def _empty_guard_cost() -> dict:
-    import accel_utils.barriers as barriers
+    from accel_utils import side_channel
 
-    store_calls = []
-
-    class CountingStore(dist.PrefixStore):  # counts our calls; the real store answers them
-        def __getattribute__(self, name):
-            if name in ("add", "set", "get", "check", "compare_set", "multi_get", "wait"):
-                store_calls.append(name)
-            return super().__getattribute__(name)
-
-    real = dist.PrefixStore
-    dist.PrefixStore = CountingStore
-    try:
-        with FirstRankPerNode():  # creates the side group and writes this rank's node once
-            pass
-    finally:
-        dist.PrefixStore = real
-    side = barriers._create_gloo_group()
-    before, setup_calls = side._get_sequence_number_for_group(), len(store_calls)
+    with FirstRankPerNode():  # creates the side group and posts this rank's mark and node
+        pass
+    lane = side_channel.lane_for(dist.group.WORLD)
+    before, setup_calls = lane.group._get_sequence_number_for_group(), lane.pulse.requests
     for _ in range(5):
         with FirstRankPerNode():
             pass
-    return {"collectives": side._get_sequence_number_for_group() - before,
-            "store_calls": len(store_calls) - setup_calls, "setup_calls": setup_calls}
+    return {"collectives": lane.group._get_sequence_number_for_group() - before,
+            "store_calls": lane.pulse.requests - setup_calls, "setup_calls": setup_calls}
 
 
 def test_an_empty_guard_costs_one_small_collective_and_no_store_traffic() -> None:
     out = run_distributed(_empty_guard_cost, 4, nodes=2)
-    # setting up writes this rank's arrival mark and node (the counting works), then nothing
+    # setting up writes this rank's mark and node (the counting works), then nothing
     assert all(o == {"collectives": 5, "store_calls": 0, "setup_calls": 2} for o in out), out
 
 

@@ -25,12 +25,12 @@ def test_without_a_group_does_nothing() -> None:
 def _releases_cached_groups() -> tuple[int, int, int]:
     import weakref
 
-    from accel_utils import barriers, resolve
+    from accel_utils import barriers, resolve, side_channel
 
     barriers._barrier_with_timeout(30)  # builds and caches the side group
     world = weakref.ref(resolve().group)
     side = weakref.ref(barriers._create_gloo_group())
-    cached = len(barriers._channels)
+    cached = len(side_channel._lanes)
     destroy_process_group()
     import gc
 

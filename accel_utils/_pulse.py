@@ -1,0 +1,182 @@
+"""One background thread per side channel: heartbeats, failure polls and bounded store calls.
+
+While this rank is inside a side-channel operation (a guard's block, a wait) for longer than
+0.1 s, the thread beats: it writes this rank's mark (``"seq phase count"``) into the job's
+store, looks for a failure record of the operation, and reads every member's mark. The waiting
+thread then judges from those observations alone, so it never blocks on the store itself. A
+quick operation costs the thread nothing: it only looks at a field every ``POLL_S``.
+
+Every store call runs on this thread, over a connection of its own (a store call on a
+partitioned host blocks for ~15 minutes whatever its timeout): callers wait at most a deadline
+and then say that the job's store is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from accel_utils.errors import SideChannelError
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.5  # how often a long wait beats and looks for failure records
+_BEAT_AFTER_S = 0.1  # operations shorter than this (every quick one) never beat
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A member's latest heartbeat: the operation it is in, its phase there, a counter."""
+
+    seq: int
+    phase: str  # "w": running a guarded block first; "a": arrived (waiting); "-": none yet
+    count: int
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Mark:
+        seq, phase, count = (raw.decode() if isinstance(raw, bytes) else raw).split()
+        return cls(int(seq), phase, int(count))
+
+    def __str__(self) -> str:
+        return f"{self.seq} {self.phase} {self.count}"
+
+
+def mark_key(rank: int) -> str:
+    return f"mark/{rank}"
+
+
+class Pulse:
+    """The heartbeat and store thread of one side channel (see the module docstring).
+
+    Args:
+        store: a store connection used by this thread only.
+        rank: this member's rank in the parent group.
+        size: the number of members.
+        name: for the thread's name.
+    """
+
+    def __init__(self, store: Any, rank: int, size: int, name: str) -> None:
+        self._store, self._rank, self._size = store, rank, size
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._active: tuple[int, str, float, str] | None = None
+        self._count = 0
+        self._last_beat = 0.0
+        self._busy_since: float | None = None
+        self._stopped = False
+        self.requests = 0  # store round trips asked for (calls and beats), for tests
+        self.records: dict[str, dict[str, Any]] = {}  # failure records seen, by key
+        self.seen: dict[int, tuple[Mark, float]] = {}  # rank -> (mark, when it last changed)
+        self.watch_start: float | None = None  # first reading of the marks in this operation
+        threading.Thread(target=self._run, name=f"accel-utils-pulse-{name}", daemon=True).start()
+
+    # ------------------------------------------------------------------ the operating thread
+    def activate(self, seq: int, phase: str, record_key: str) -> None:
+        """This rank entered (or, for the same ``seq``, moved on inside) operation ``seq``."""
+        old = self._active
+        if old is not None and old[0] == seq:  # a first rank leaving its block: same operation
+            self._active = (seq, phase, old[2], record_key)
+            return
+        self.seen, self.watch_start = {}, None
+        self._active = (seq, phase, time.monotonic(), record_key)
+
+    def lasted(self) -> float:
+        """How long this rank has been inside the active operation (0 when none)."""
+        active = self._active
+        return 0.0 if active is None else time.monotonic() - active[2]
+
+    def deactivate(self) -> None:
+        self._active = None
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._active = None
+
+    def call(self, fn: Callable[[Any], Any], deadline_s: float) -> Any:
+        """``fn(store)`` on this thread, waiting at most ``deadline_s``.
+
+        Raises:
+            SideChannelError: the store did not answer in time (lost the job's store).
+        """
+        done = threading.Event()
+        box: list[Any] = [None, None]
+
+        def job() -> None:
+            try:
+                box[0] = fn(self._store)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box[1] = exc
+            done.set()
+
+        self.requests += 1
+        self._jobs.put(job)
+        if not done.wait(deadline_s):
+            raise SideChannelError(
+                f"lost the job's store: no answer for {deadline_s:g}s (its host is down or "
+                "unreachable from this rank)")
+        if box[1] is not None:
+            raise box[1]
+        return box[0]
+
+    def stuck_for(self) -> float:
+        """How long the thread's current store call has been running (0 when idle)."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def stale(self, seq: int | None, silent_s: float) -> list[int]:
+        """Members inside operation ``seq`` (any, for None) whose mark stood for ``silent_s``."""
+        now = time.monotonic()
+        return sorted(r for r, (mark, since) in list(self.seen.items()) if r != self._rank
+                      and seq in (None, mark.seq) and now - since >= silent_s)
+
+    # --------------------------------------------------------------------- the pulse thread
+    def _run(self) -> None:
+        while not self._stopped:
+            try:
+                job = self._jobs.get(timeout=POLL_S)
+            except queue.Empty:
+                job = None
+            self._busy_since = time.monotonic()
+            try:
+                if job is not None:
+                    job()
+                self._beat()
+            except Exception:  # noqa: BLE001 - the store's host is gone; the waiter judges
+                logger.debug("side-channel heartbeat failed", exc_info=True)
+            finally:
+                self._busy_since = None
+
+    def _beat(self) -> None:
+        active = self._active
+        now = time.monotonic()
+        if active is None or now - active[2] < _BEAT_AFTER_S or now - self._last_beat < POLL_S:
+            return
+        seq, phase, _, record_key = active
+        self._last_beat = now
+        self.requests += 1
+        self._count += 1
+        self._store.set(mark_key(self._rank), str(Mark(seq, phase, self._count)))
+        if record_key not in self.records and self._store.check([record_key]):
+            self.records[record_key] = json.loads(self._store.get(record_key))
+        self._observe(read_marks(self._store, self._size))
+
+    def _observe(self, marks: dict[int, Mark]) -> None:
+        now = time.monotonic()
+        if self.watch_start is None:
+            self.watch_start = now
+        for rank, mark in marks.items():
+            old = self.seen.get(rank)
+            if old is None or old[0] != mark:
+                self.seen[rank] = (mark, now)
+
+
+def read_marks(store: Any, size: int) -> dict[int, Mark]:
+    """Every member's mark that exists (a member that never beat has none)."""
+    keys = [mark_key(r) for r in range(size)]
+    if store.check(keys):
+        return {r: Mark.parse(v) for r, v in enumerate(store.multi_get(keys))}
+    return {r: Mark.parse(store.get(k)) for r, k in enumerate(keys) if store.check([k])}

@@ -1,0 +1,485 @@
+"""The side channel: one gloo group per parent group (and thread), and the protocol over it.
+
+Every guard, barrier and probe is an *operation* on its parent group's lane. Each member numbers
+the operations it enters, so all members agree on the number ``seq`` of every call, failed ones
+included. An operation is one all-reduce (bitwise OR) of one int64 word that carries the call's
+identity (kind, label, ``seq``) twice, once inverted: any two members in different calls leave
+a bit set in both halves, so a mismatch raises on every rank instead of pairing the wrong calls.
+
+The gloo group is created by the first operation that needs it, under a store prefix named
+after that operation, and is never reused after a failure: every member that fails an
+operation (or learns of a failure through the store) parks its group, and the next operation
+builds a fresh one under its own ``seq``, so every member lands on the same prefix again.
+Parked groups are kept alive by a daemon thread, never destroyed: a gloo group's destructor
+waits for its pending operations, which would keep a failing rank from raising or exiting.
+
+A failure is published as a record in the job's store (first writer wins) *before* this rank
+gives up on the group; a rank that sees a connection drop reads the records first and waits a
+moment for one, so a peer's timeout is never mistaken for a death. While an operation lasts
+longer than ``POLL_S``, :class:`~accel_utils._pulse.Pulse` beats and watches the others' beats.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from datetime import timedelta
+from numbers import Real
+from typing import Any, Callable, NoReturn
+
+import torch
+import torch.distributed as dist
+
+from accel_utils._cache import IdentityCache
+from accel_utils._pulse import POLL_S, Mark, Pulse, mark_key, read_marks
+from accel_utils.errors import BarrierTimeoutError, RanksNotRespondingError, SideChannelError
+
+logger = logging.getLogger(__name__)
+
+MAX_TIMEOUT = timedelta(days=30)  # longer ones overflow gloo's clock arithmetic: clamped
+DEFAULT_LIVENESS = 30.0  # seconds without a heartbeat before a member is named unresponsive
+_GRACE_S = 0.5  # our deadline trails gloo's timeout, so that gloo ends the operation itself
+_SETTLE_S = POLL_S + 0.3  # on a failure: time for every arrived member to post its mark
+_LOST_WAIT_S = 1.0  # after a lost connection: how long a failure record may take to appear
+_STORE_S = 30.0  # how long a failure path waits for the store when liveness is off
+_KINDS = {"create": 1, "barrier": 2, "guard": 3, "log": 4, "probe": 5}
+FAILED_BIT = 1 << 62
+CONFIRM_BIT = 1 << 61
+PAYLOAD_BITS = 30
+
+
+def as_timeout(value: Any, name: str = "timeout") -> timedelta:
+    """A positive ``timedelta`` (at most 30 days) from a ``timedelta`` or seconds."""
+    if isinstance(value, timedelta):
+        limit = value
+    elif isinstance(value, Real) and not isinstance(value, bool):
+        limit = timedelta(seconds=min(float(value), MAX_TIMEOUT.total_seconds()))
+    else:
+        raise TypeError(f"{name} must be a datetime.timedelta or seconds; got {value!r}")
+    if limit.total_seconds() <= 0:
+        raise ValueError(f"{name} must be positive; got {limit}")
+    if limit > MAX_TIMEOUT:
+        logger.debug("%s %s clamped to %s", name, limit, MAX_TIMEOUT)
+    return min(limit, MAX_TIMEOUT)
+
+
+def as_liveness(value: Any) -> float | None:
+    """Seconds of heartbeat silence that name a member unresponsive; None turns it off."""
+    return None if value is None else as_timeout(value, "liveness").total_seconds()
+
+
+class _Keeper:
+    """Holds parked groups from a daemon thread's frame, so no destructor ever runs on them."""
+
+    def __init__(self) -> None:
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def park(self, *objects: Any) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._hold, name="accel-utils-parked",
+                                            daemon=True)
+            self._thread.start()
+        self._inbox.put(objects)
+
+    def _hold(self) -> None:
+        kept = []
+        while True:
+            kept.append(self._inbox.get())
+
+
+_keeper = _Keeper()
+
+
+class _Regroup(Exception):
+    """The group failed under an earlier operation this member saw succeed: rebuild, retry."""
+
+
+@dataclass(eq=False)
+class Lane:
+    """One parent group's side channel as seen by one thread of this process."""
+
+    name: str
+    rank: int  # within the parent group
+    size: int
+    ranks: frozenset[int]  # the members' global ranks, to tell overlapping groups apart
+    base: Any  # the lane's share of the job's store (a PrefixStore)
+    pulse: Pulse
+    seq: int = 0  # operations entered; every member enters the same ones in the same order
+    group: Any = None  # the current gloo group, None until (re)created
+    gen: int = 0  # the seq whose prefix the current group was created under
+    timeout: timedelta | None = None  # the gloo group's current timeout
+    work: Any = None  # the operation in flight, parked with the group on a failure
+    label: str = ""  # the current operation's label (a guard's order)
+    memo: dict[str, Any] = field(default_factory=dict)  # per-lane facts (probes, node posted)
+
+    def begin(self) -> int:
+        """Enter the next operation; returns its number (the same on every member)."""
+        self.seq += 1
+        return self.seq
+
+    def record_key(self, seq: int) -> str:
+        return f"fail/{self.gen if self.group is not None else seq}"
+
+    def store(self, fn: Callable[[Any], Any], liveness: float | None) -> Any:
+        """``fn(store)``, bounded (see :meth:`Pulse.call`)."""
+        return self.pulse.call(fn, liveness or _STORE_S)
+
+    def read(self, key: str, liveness: float | None) -> dict[str, Any] | None:
+        """The failure record under ``key``, if there is one (None also when the store is gone)."""
+        try:
+            found = self.store(lambda s: s.get(key) if s.check([key]) else None, liveness)
+        except Exception:  # noqa: BLE001 - the store is gone: the caller's evidence stands
+            logger.debug("could not read a failure record", exc_info=True)
+            return None
+        return None if found is None else json.loads(found)
+
+    # ------------------------------------------------------------------------ operations
+    def run(self, seq: int, kind: str, label: str, what: str, limit: timedelta,
+            liveness: float | None, payload: int = 0, failed: bool = False,
+            wait: bool = True) -> int:
+        """Operation ``seq``: the OR of every member's ``payload`` (and the failure bit).
+
+        With ``wait=False`` this member only contributes (a failing rank that must not wait),
+        then parks the group. Raises on every failure, naming who and why (see the module).
+        """
+        self.label = label
+        self.pulse.activate(seq, "a", self.record_key(seq))
+        # A member inside this operation for a while asks for a second round: a peer that
+        # died or froze after its share went through must not let some members pass.
+        word = _encode(seq, kind, label, payload, failed, self.pulse.lasted() > POLL_S)
+        try:
+            while True:
+                try:
+                    tensor = self._start(seq, word, what, limit, liveness)
+                    if not wait:
+                        self.abandon()
+                        return 0
+                    deadline = time.monotonic() + limit.total_seconds() + _GRACE_S
+                    self._watch(_finished(self.work), seq, what, deadline, limit, liveness)
+                    if int(tensor.item()) & CONFIRM_BIT:
+                        self._start(seq, word, what, limit, liveness)
+                        self._watch(_finished(self.work), seq, what, deadline, limit, liveness)
+                    break
+                except _Regroup:
+                    logger.warning("%s: the side channel failed under an earlier call; "
+                                   "rebuilding it for call %d", what, seq)
+                    self.abandon()
+        finally:
+            self.pulse.deactivate()
+        self.work = None
+        result = int(tensor.item())
+        if (result & 0xFFFF) & (result >> 16 & 0xFFFF):
+            self._mismatch(seq, f"{what}{label and f' {label!r}'} (call {seq})", liveness)
+        return result
+
+    def _start(self, seq: int, word: int, what: str, limit: timedelta,
+               liveness: float | None) -> torch.Tensor:
+        if self.group is None:
+            self._create(seq, what, limit, liveness)
+        if self.timeout != limit:  # else a wait that gave up would leave its operation pending
+            set_timeout(self.group, limit)
+            self.timeout = limit
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.BOR
+        tensor = torch.tensor([word], dtype=torch.int64)
+        self.work = self.group.allreduce([tensor], opts)
+        return tensor
+
+    def connect(self, seq: int, what: str, limit: timedelta, liveness: float | None) -> None:
+        """Create the gloo group under operation ``seq``'s prefix (collective over members)."""
+        self.pulse.activate(seq, "a", f"fail/{seq}")
+        try:
+            self._create(seq, what, limit, liveness)
+        finally:
+            self.pulse.deactivate()
+
+    def _create(self, seq: int, what: str, limit: timedelta, liveness: float | None) -> None:
+        box: dict[str, Any] = {}
+        base, rank, size = self.base, self.rank, self.size
+
+        def build() -> None:  # on its own connection: a rendezvous blocks its store client
+            try:
+                store = dist.PrefixStore(f"g{seq}", base.clone() if hasattr(base, "clone")
+                                         else base)
+                box["group"] = dist.ProcessGroupGloo(store, rank, size, limit)
+            except Exception as exc:  # noqa: BLE001 - reported by the watching thread
+                box["error"] = exc
+
+        self.gen = seq
+        thread = threading.Thread(target=build, name="accel-utils-connect", daemon=True)
+        thread.start()
+
+        def built(slice_: timedelta) -> bool:
+            thread.join(slice_.total_seconds())
+            if thread.is_alive():
+                return False
+            if "error" in box:
+                raise RuntimeError(f"Timed out creating the gloo side group: {box['error']}")
+            return True
+
+        deadline = time.monotonic() + limit.total_seconds() + _GRACE_S
+        try:
+            self._watch(built, seq, what, deadline, limit, liveness)
+        except BaseException:
+            _keeper.park(thread, box)  # it may still connect later: never free that group
+            raise
+        self.group, self.timeout = box["group"], limit
+        logger.debug("created gloo side group g%d for %s", seq, self.name)
+
+    def _watch(self, done: Callable[[timedelta], Any], seq: int, what: str,
+               deadline: float, limit: timedelta, liveness: float | None) -> None:
+        """Wait until ``done(slice)`` is true, judging the others every ``POLL_S``."""
+        while True:
+            left = deadline - time.monotonic()
+            step = max(min(POLL_S, left), 0.001)
+            try:
+                if done(timedelta(seconds=step)) is not False:
+                    return
+            except RuntimeError as err:  # gloo's verdict: our timeout, or a lost peer
+                if "Timed out" in str(err) or "timeout" in str(err):
+                    self._timed_out(seq, what, limit, liveness, err)
+                self._lost(seq, what, liveness, err)
+            if left <= 0:
+                self._timed_out(seq, what, limit, liveness, None)
+            self._judge(seq, what, liveness)
+
+    def _judge(self, seq: int, what: str, liveness: float | None) -> None:
+        record = self.pulse.records.get(self.record_key(seq))
+        if record is not None:
+            if record["seq"] < seq:
+                raise _Regroup
+            self.fail(record, liveness=liveness)
+        if liveness is None:
+            return
+        if self.pulse.stuck_for() > liveness:
+            self.abandon()
+            raise SideChannelError(f"{what}: lost the job's store: no answer for {liveness:g}s "
+                                   "(its host is down or unreachable from this rank)")
+        stale = self.pulse.stale(seq, liveness)
+        if stale:
+            self.fail(self.publish(seq, {"kind": "unresponsive", "ranks": stale,
+                                         "liveness_s": liveness, "what": what}, liveness))
+
+    # ------------------------------------------------------------------------- failures
+    def publish(self, seq: int, record: dict[str, Any], liveness: float | None) -> dict[str, Any]:
+        """Record operation ``seq``'s failure (first writer wins); returns the winning record."""
+        record = {**record, "seq": seq, "by": self.rank}
+        key = self.record_key(seq)
+        try:
+            won = self.store(lambda s: s.compare_set(key, "", json.dumps(record)), liveness)
+            return json.loads(won)
+        except Exception:  # noqa: BLE001 - the store is gone: our own diagnosis stands
+            logger.debug("could not publish a side-channel failure record", exc_info=True)
+            return record
+
+    def abandon(self) -> None:
+        """Stop using the group (it may hold a pending operation): park it, build anew later."""
+        if self.group is not None:
+            _keeper.park(self.group, self.work)
+        self.group, self.work, self.timeout = None, None, None
+
+    def fail(self, record: dict[str, Any], cause: BaseException | None = None,
+             liveness: float | None = None) -> NoReturn:
+        """Abandon the group and raise the error that ``record`` describes."""
+        key = self.record_key(record["seq"])
+        self.abandon()
+        if record["kind"] == "timeout":
+            record = self._complete(record, key, liveness)
+        raise error_from(record, self) from cause
+
+    def _timed_out(self, seq: int, what: str, limit: timedelta, liveness: float | None,
+                   err: BaseException | None) -> NoReturn:
+        record = self.publish(seq, {"kind": "timeout", "timeout_s": limit.total_seconds(),
+                                    "what": what}, liveness)
+        if record["kind"] == "timeout" and record["by"] == self.rank:
+            missing, unresponsive = self.missing(seq, liveness)
+            record.update(missing=missing, unresponsive=unresponsive)
+            self.store(lambda s: s.set(self.record_key(seq), json.dumps(record)), liveness)
+        self.fail(record, err, liveness)
+
+    def _complete(self, record: dict[str, Any], key: str,
+                  liveness: float | None) -> dict[str, Any]:
+        """A timeout record with the ranks its publisher names (one diagnosis for all)."""
+        end = time.monotonic() + _SETTLE_S + _LOST_WAIT_S
+        while "missing" not in record and time.monotonic() < end:
+            time.sleep(0.1)
+            record = self.read(key, liveness) or record
+        if "missing" not in record:  # the publisher went silent: judge for ourselves
+            missing, unresponsive = self.missing(record["seq"], liveness)
+            record = {**record, "missing": missing, "unresponsive": unresponsive}
+        return record
+
+    def _lost(self, seq: int, what: str, liveness: float | None, err: BaseException) -> NoReturn:
+        # A peer's timeout closes its connections too: its record comes first, if it comes.
+        key, lost_at = self.record_key(seq), time.monotonic()
+        end = lost_at + _LOST_WAIT_S
+        while time.monotonic() < end:
+            found = self.read(key, liveness)
+            if found is not None:
+                self.fail(found, err, liveness)
+            time.sleep(0.1)
+        missing, _ = self.missing(seq, liveness)  # meanwhile the pulse watched every mark
+        time.sleep(max(0.0, lost_at + 3 * POLL_S + 0.1 - time.monotonic()))
+        dead = self.pulse.stale(None, 2 * POLL_S)  # a live member beats every POLL_S
+        self.fail(self.publish(seq, {"kind": "died", "ranks": dead, "missing": missing,
+                                     "what": what, "label": self.label,
+                                     "message": str(err).split(". This", 1)[0]}, liveness), err)
+
+    def post(self, seq: int, phase: str, liveness: float | None) -> None:
+        """Write this rank's mark now (a failure path: the others are about to read marks)."""
+        mark = str(Mark(seq, phase, int(time.monotonic() * 1000)))
+        try:
+            self.store(lambda s: s.set(mark_key(self.rank), mark), liveness)
+        except Exception:  # noqa: BLE001 - the store is gone: nobody can read it anyway
+            logger.debug("could not post a mark", exc_info=True)
+
+    def missing(self, seq: int, liveness: float | None) -> tuple[list[int], list[int]]:
+        """Members that had not arrived at ``seq``, and those that arrived but went silent."""
+        self.post(seq, "a", liveness)
+        time.sleep(_SETTLE_S)
+        try:
+            marks = self.store(lambda s: read_marks(s, self.size), liveness)
+        except Exception:  # noqa: BLE001 - the store is gone: nobody can be named
+            return [], []
+        missing = [r for r in range(self.size) if r not in marks or marks[r].seq < seq
+                   or (marks[r].seq == seq and marks[r].phase == "w")]
+        silent = [r for r in self.pulse.stale(seq, 3 * POLL_S) if r not in missing]
+        return missing, silent
+
+    def placement(self, ranks: list[int]) -> dict[int, tuple[int, int] | None]:
+        """(node, local rank) of each rank, as its guards posted them (None where unknown)."""
+        keys = [f"node/{r}" for r in ranks]
+        try:
+            raw = self.store(lambda s: {r: s.get(k) if s.check([k]) else None
+                                        for r, k in zip(ranks, keys)}, None)
+        except Exception:  # noqa: BLE001 - the store is gone
+            return {r: None for r in ranks}
+        return {r: None if v is None else tuple(map(int, v.split())) for r, v in raw.items()}
+
+    def nodes_of(self, ranks: list[int]) -> dict[int, int | None]:
+        return {r: None if p is None else p[0] for r, p in self.placement(ranks).items()}
+
+    def _mismatch(self, seq: int, mine: str, liveness: float | None) -> NoReturn:
+        keys = [f"call/{seq}/{r}" for r in range(self.size)]
+        self.store(lambda s: s.set(keys[self.rank], mine), liveness)
+        end = time.monotonic() + 2 * _LOST_WAIT_S
+        calls: dict[int, str] = {}
+        while time.monotonic() < end and len(calls) < self.size:
+            calls = self.store(lambda s: {r: s.get(k).decode() for r, k in enumerate(keys)
+                                          if s.check([k])}, liveness)
+            time.sleep(0.1)
+        listed = "; ".join(f"rank {r}: {c}" for r, c in sorted(calls.items()))
+        raise SideChannelError(
+            f"ranks made different side-channel calls on group {self.name!r} ({listed}): every "
+            "rank must make the same guard / barrier calls on a group, in the same order, with "
+            "the same arguments", calls)
+
+
+def error_from(record: dict[str, Any], lane: Lane) -> Exception:
+    """The exception a failure record stands for, with the nodes of the ranks it names."""
+    from accel_utils.errors import FirstRankFailedError
+
+    what, kind = record.get("what", "barrier"), record["kind"]
+    if kind == "timeout":
+        missing, silent = record.get("missing", []), record.get("unresponsive", [])
+        return BarrierTimeoutError(missing, record["timeout_s"], what, silent,
+                                   lane.nodes_of(missing + silent))
+    if kind == "unresponsive":
+        return RanksNotRespondingError(record["ranks"], record["liveness_s"], what,
+                                       lane.nodes_of(record["ranks"]))
+    if kind == "failed":
+        return FirstRankFailedError(record["rank"], record["node"], record["exc_type"],
+                                    record["message"])
+    dead, places = record["ranks"], lane.placement(record["ranks"])
+    if what == "FirstRankPerNode":  # the label is the order: a dead unfinished first rank
+        first = [r for r in dead if r in record["missing"] and places[r] is not None and (
+            places[r][1] == 0 if record.get("label") == "local" else r == 0)]
+        if len(first) == 1:
+            others = [r for r in dead if r != first[0]]
+            return FirstRankFailedError(
+                first[0], lane.nodes_of(first)[first[0]], "died",
+                f"its process is gone (lost the connection, its heartbeat stopped"
+                f"{f'; rank(s) {others} are gone too' if others else ''}): {record['message']}")
+    nodes = lane.nodes_of(dead)
+    where = ", ".join(f"rank {r} (node {nodes[r]})" for r in dead)
+    if dead:
+        return SideChannelError(f"{what}: {where} died: lost the connection and the heartbeat "
+                                f"({record['message']})", ranks=dead)
+    return SideChannelError(f"{what}: lost the connection to a peer ({record['message']}); no "
+                            f"rank could be named (ranks that had not arrived: "
+                            f"{record['missing']})", ranks=record["missing"])
+
+
+def _finished(work: Any) -> Callable[[timedelta], bool]:
+    """Waits on ``work`` a slice at a time: False while pending, else gloo's own verdict."""
+
+    def wait(slice_: timedelta) -> bool:
+        try:
+            work.wait(slice_)
+        except RuntimeError:
+            if not work.is_completed():  # only our slice ran out
+                return False
+            work.wait()  # raises gloo's error: a timeout or a lost peer
+        return True
+
+    return wait
+
+
+def set_timeout(group: Any, timeout: timedelta) -> None:
+    """Change a gloo group's timeout (public from torch 2.13, private before)."""
+    setter = getattr(group, "set_timeout", None) or getattr(group, "_set_default_timeout")
+    setter(timeout)
+
+
+def _encode(seq: int, kind: str, label: str, payload: int, failed: bool, confirm: bool) -> int:
+    tag = _KINDS[kind] | (zlib.crc32(label.encode()) & 0x1F) << 3 | (seq & 0xFF) << 8
+    if not 0 <= payload < 1 << PAYLOAD_BITS:
+        raise ValueError(f"payload must fit in {PAYLOAD_BITS} bits; got {payload}")
+    return (tag | (~tag & 0xFFFF) << 16 | payload << 32 | (FAILED_BIT if failed else 0)
+            | (CONFIRM_BIT if confirm else 0))
+
+
+def payload_of(word: int) -> int:
+    return word >> 32 & ((1 << PAYLOAD_BITS) - 1)
+
+
+# ----------------------------------------------------------------------------------- lanes
+_lanes = IdentityCache()  # parent group -> {thread name: Lane}; entries die with their parent
+
+
+def lane_for(parent: dist.ProcessGroup) -> Lane:
+    """This thread's lane on ``parent`` (created on first use; no collective, no waiting).
+
+    Threads other than the main one get lanes of their own, matched across ranks by thread
+    name: a guard in thread "loader" on one rank pairs with thread "loader" on the others.
+    """
+    thread = threading.current_thread()
+    tag = "" if thread is threading.main_thread() else thread.name
+    lanes = _lanes.get(parent)
+    if lanes is None:
+        lanes = {}
+        _lanes.put(parent, lanes)
+    lane = lanes.get(tag)
+    if lane is None:
+        name = parent.group_name + (f"/thread:{tag}" if tag else "")
+        base = dist.PrefixStore(f"accel_utils/side/{name}", parent.get_group_store())
+        rank, size = dist.get_rank(parent), dist.get_world_size(parent)
+        pulse = Pulse(base.clone() if hasattr(base, "clone") else base, rank, size, name)
+        lane = lanes[tag] = Lane(name, rank, size,
+                                 frozenset(dist.get_process_group_ranks(parent)), base, pulse)
+        lane.store(lambda s: s.set(mark_key(rank), str(Mark(0, "-", 0))), None)
+    return lane
+
+
+def release_all() -> None:
+    """Forget every lane (stopping its thread), so that its groups end now, not at exit."""
+    for lanes in _lanes.values():
+        for lane in lanes.values():
+            lane.pulse.stop()
+    _lanes.clear()

@@ -1,0 +1,327 @@
+"""Failure semantics on real gloo groups: every fault gives every survivor the true diagnosis.
+
+2 simulated nodes x 2 ranks (ranks 0, 1 on node 0; 2, 3 on node 1; first ranks 0 and 2). A
+fault hits node 1's first rank (rank 2) or its waiting rank (rank 3); every surviving rank must
+raise the error that names the right rank, node and cause, and nobody may pass the guard
+before every first rank finished. Frozen processes are resumed (or killed) by the test itself,
+so that no process is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch.distributed as dist
+
+from accel_utils import BarrierTimeoutError, FirstRankFailedError, FirstRankPerNode
+from accel_utils import barrier_and_log
+from accel_utils.barriers import _barrier_with_timeout
+from accel_utils.errors import RanksNotRespondingError, SideChannelError
+from tests.harness import RankFailure, run_distributed
+
+
+def _outcome(exc: BaseException) -> dict:
+    keep = ("rank", "node", "exc_type", "missing_ranks", "unresponsive_ranks", "ranks", "nodes",
+            "calls")
+    return {"error": type(exc).__name__, "message": str(exc), "at": time.time(),
+            **{k: getattr(exc, k) for k in keep if hasattr(exc, k)}}
+
+
+def _guard_fault(first_fault: str, waiting_fault: str, timeout_s: float,
+                 liveness_s: float | None) -> dict:
+    """Node 1's first rank (2) suffers ``first_fault``; its waiting rank (3) ``waiting_fault``."""
+    pids: list = [None] * dist.get_world_size()
+    dist.all_gather_object(pids, os.getpid())
+    rank, out = dist.get_rank(), {}
+    guard = FirstRankPerNode(timeout=timedelta(seconds=timeout_s), liveness=liveness_s)
+    try:
+        with guard as first:
+            out["entered"] = time.time()
+            if rank == 2:
+                if first_fault == "raise":
+                    raise ValueError("tokenizer exploded")
+                if first_fault == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if first_fault == "stop":
+                    time.sleep(0.5)
+                    os.kill(os.getpid(), signal.SIGSTOP)  # the test resumes it at the end
+                if first_fault == "slow":
+                    time.sleep(timeout_s + 3)
+            if rank == 0 and waiting_fault != "none":  # rank 3 is waiting by now
+                time.sleep(1.5)
+                os.kill(pids[3], signal.SIGKILL if waiting_fault == "kill" else signal.SIGSTOP)
+            if first:
+                out["first_done"] = time.time()
+        out["passed"] = time.time()
+    except (FirstRankFailedError, BarrierTimeoutError, SideChannelError) as exc:
+        out.update(_outcome(exc))
+    except ValueError as exc:  # its own exception: returned so that the task ends cleanly
+        out.update(own=str(exc), at=time.time())
+    finally:
+        if rank != 3 or waiting_fault == "none":
+            if "stop" in (first_fault, waiting_fault):
+                time.sleep(3)  # every survivor has its diagnosis before the frozen rank resumes
+            for pid in pids:  # resume what the test froze; the frozen rank then reports too
+                if pid != os.getpid():
+                    try:
+                        os.kill(pid, signal.SIGCONT)
+                    except ProcessLookupError:  # the rank the test killed
+                        pass
+    return out
+
+
+def _run(first_fault: str, waiting_fault: str = "none", timeout_s: float = 60,
+         liveness_s: float | None = 2.0) -> list:
+    return run_distributed(_guard_fault, 4, first_fault, waiting_fault, timeout_s, liveness_s,
+                           nodes=2, timeout=40, expect_ok=False)
+
+
+def test_a_first_rank_past_its_timeout_is_a_timeout_on_every_rank_not_a_death() -> None:
+    out = _run("slow", timeout_s=2)
+    for rank in (0, 1, 3):
+        assert out[rank]["error"] == "BarrierTimeoutError", out[rank]
+        assert out[rank]["missing_ranks"] == [2] and out[rank]["nodes"] == {2: 1}
+    assert out[2]["error"] == "BarrierTimeoutError"  # the late rank hears why the others left
+    assert out[2]["missing_ranks"] == [2]
+
+
+def test_a_frozen_first_rank_with_a_short_timeout_is_named_as_not_responding() -> None:
+    out = _run("stop", timeout_s=5, liveness_s=None)  # liveness off: the timeout decides
+    for rank in (0, 1, 3):
+        assert out[rank]["error"] == "BarrierTimeoutError", out[rank]
+        assert out[rank]["missing_ranks"] == [2], out[rank]
+        assert "died" not in out[rank]["message"] and "killed" not in out[rank]["message"]
+
+
+def test_a_frozen_first_rank_is_named_after_liveness_while_the_timeout_is_hours() -> None:
+    out = _run("stop", timeout_s=3600, liveness_s=2.0)
+    for rank in (0, 1, 3):
+        assert out[rank]["error"] == "RanksNotRespondingError", out[rank]
+        assert out[rank]["ranks"] == [2] and out[rank]["nodes"] == {2: 1}
+        assert "not responding (frozen or unreachable)" in out[rank]["message"]
+        assert "passed" not in out[rank]
+    assert out[2]["error"] == "RanksNotRespondingError"  # resumed, it learns why
+
+
+def test_a_frozen_waiting_rank_is_named_by_the_first_ranks() -> None:
+    out = _run("none", "stop", timeout_s=3600, liveness_s=2.0)
+    for rank in (0, 1, 2):
+        assert out[rank]["error"] == "RanksNotRespondingError", out[rank]
+        assert out[rank]["ranks"] == [3] and out[rank]["nodes"] == {3: 1}
+
+
+def test_a_frozen_waiting_rank_is_named_when_the_timeout_runs_out_first() -> None:
+    out = _run("none", "stop", timeout_s=6, liveness_s=None)
+    for rank in (0, 1, 2):
+        assert out[rank]["error"] == "BarrierTimeoutError", out[rank]
+        assert out[rank]["unresponsive_ranks"] == [3], out[rank]
+        assert "stopped responding (frozen or unreachable)" in out[rank]["message"]
+
+
+def test_a_killed_waiting_rank_is_named_as_dead() -> None:
+    out = _run("none", "kill")
+    assert isinstance(out[3], RankFailure) and out[3].exc_type == "died"
+    for rank in (0, 1, 2):
+        assert out[rank]["error"] == "SideChannelError", out[rank]
+        assert out[rank]["ranks"] == [3] and "rank 3 (node 1) died" in out[rank]["message"]
+
+
+def test_a_raising_first_rank_leaves_at_once_while_the_other_first_rank_works() -> None:
+    out = run_distributed(_raise_while_other_works, 4, nodes=2, timeout=40)
+    # rank 2 raised its own error, and ranks 1 and 3 theirs, before rank 0 finished its block
+    assert out[2]["own"] == "preprocessing failed" and out[2]["at"] < out[0]["first_done"]
+    for rank in (1, 3):
+        assert out[rank]["rank"] == 2 and out[rank]["at"] < out[0]["first_done"]
+    assert out[0]["rank"] == 2 and "passed" not in out[0]
+
+
+def _raise_while_other_works() -> dict:
+    out: dict = {}
+    try:
+        with FirstRankPerNode(timeout=timedelta(seconds=60)) as first:
+            if dist.get_rank() == 2:
+                raise ValueError("preprocessing failed")
+            if first:
+                time.sleep(6)
+                out["first_done"] = time.time()
+        out["passed"] = time.time()
+    except FirstRankFailedError as exc:
+        out.update(_outcome(exc))
+    except ValueError as exc:
+        out.update(own=str(exc), at=time.time())
+    return out
+
+
+def _timed_out_first_use(world: int) -> dict:
+    late = world - 1
+    if dist.get_rank() == late:
+        time.sleep(3)
+    ok = _barrier_with_timeout(timedelta(seconds=1))  # the group's first side-channel call
+    with FirstRankPerNode(local=False, timeout=timedelta(seconds=60)) as first:
+        pass
+    barrier_and_log("after the failed first use")
+    again = _barrier_with_timeout(timedelta(seconds=30))
+    return {"ok": ok, "first": first, "again": again}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_timed_out_first_use_leaves_every_rank_aligned(world: int) -> None:
+    out = run_distributed(_timed_out_first_use, world, world, timeout=40)
+    assert [o["ok"] for o in out] == [False] * world
+    assert [o["first"] for o in out] == [True] + [False] * (world - 1)
+    assert all(o["again"] for o in out)
+
+
+def _first_call_times_out() -> dict:
+    if dist.get_rank() == 1:
+        time.sleep(3)
+    try:
+        barrier_and_log("first call", timeout=1)
+    except BarrierTimeoutError as exc:
+        return _outcome(exc)
+    return {}
+
+
+def test_barrier_and_log_as_a_first_call_names_the_late_rank() -> None:
+    out = run_distributed(_first_call_times_out, 2, timeout=30)
+    assert out[0]["error"] == "BarrierTimeoutError" and out[0]["missing_ranks"] == [1]
+    assert out[1]["error"] == "BarrierTimeoutError"  # it hears why rank 0 left
+
+
+def _mismatched(kind: str) -> dict:
+    try:
+        if kind == "strings":
+            barrier_and_log(f"epoch {'A' if dist.get_rank() == 0 else 'B'}")
+        else:
+            if dist.get_rank() == 0:  # a barrier on rank 0 only, then a guard everywhere
+                _barrier_with_timeout(timedelta(seconds=30))
+            with FirstRankPerNode(timeout=timedelta(seconds=30)):
+                pass
+    except SideChannelError as exc:
+        return _outcome(exc)
+    return {}
+
+
+def test_barrier_and_log_with_different_strings_raises_on_every_rank() -> None:
+    out = run_distributed(_mismatched, 2, "strings", timeout=30)
+    for o in out:
+        assert o["error"] == "SideChannelError"
+        assert "barrier_and_log 'epoch A'" in o["calls"][0]
+        assert "barrier_and_log 'epoch B'" in o["calls"][1]
+
+
+def test_a_barrier_on_one_rank_only_then_a_guard_raises_on_every_rank() -> None:
+    out = run_distributed(_mismatched, 2, "guard", timeout=30)
+    for o in out:
+        assert o["error"] == "SideChannelError", o
+        assert o["calls"][0].startswith("barrier (call 1)")
+        assert o["calls"][1].startswith("FirstRankPerNode 'local' (call 1)")
+
+
+def _threads(world: int, shared: bool) -> dict:
+    """Two threads, 100 guards each; a waiting rank checks that its first rank's block ran."""
+    early: list = []
+    errors: list = []
+    common = FirstRankPerNode(local=False, timeout=timedelta(seconds=60))
+    store = dist.distributed_c10d._get_default_store()
+
+    def run(name: str) -> None:
+        try:
+            for i in range(100):
+                guard = common if shared else FirstRankPerNode(local=False)
+                with guard as first:
+                    if first:
+                        store.set(f"threads/{name}/{i}", "1")
+                    elif not store.check([f"threads/{name}/{i}"]):
+                        early.append(f"{name}/{i}")
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=run, args=(f"t{n}",), name=f"loader-{n}")
+               for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return {"early": early, "errors": errors, "alive": any(t.is_alive() for t in threads)}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("shared", [False, True])
+def test_guards_from_two_threads_never_pair_crosswise(world: int, shared: bool) -> None:
+    out = run_distributed(_threads, world, world, shared, timeout=90)
+    assert all(o == {"early": [], "errors": [], "alive": False} for o in out), out
+
+
+def _huge_timeouts() -> list:
+    out = []
+    for timeout in (timedelta(days=365000), timedelta.max, 1e12):
+        with FirstRankPerNode(timeout=timeout) as first:
+            out.append(first)
+        out.append(_barrier_with_timeout(timeout))
+    return out
+
+
+def test_huge_timeouts_are_clamped_not_false_timeouts() -> None:
+    out = run_distributed(_huge_timeouts, 2, timeout=30)
+    assert out == [[True, True] * 3, [False, True] * 3]
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+
+def _unprintable() -> dict:
+    try:
+        with FirstRankPerNode():
+            if dist.get_rank() == 0:
+                raise _Unprintable()
+    except FirstRankFailedError as exc:
+        return _outcome(exc)
+    except _Unprintable:
+        return {"own": True}
+    return {}
+
+
+def test_an_exception_whose_str_raises_still_gives_a_clear_report() -> None:
+    out = run_distributed(_unprintable, 2, timeout=30)
+    assert out[0] == {"own": True}
+    assert out[1]["exc_type"] == "_Unprintable" and "str() of this _Unprintable" in out[1]["message"]
+
+
+@pytest.mark.parametrize("error", [
+    FirstRankFailedError(2, 1, "ValueError", "boom"),
+    BarrierTimeoutError([2], 5.0, "FirstRankPerNode", [3], {2: 1, 3: 1}),
+    RanksNotRespondingError([2, 3], 30.0, "barrier", {2: 1, 3: 1}),
+    SideChannelError("mismatch", {0: "a", 1: "b"}, [1]),
+])
+def test_errors_pickle_with_their_attributes(error: Exception) -> None:
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error)
+    assert vars(copy) == vars(error)
+
+
+_NAMES = ("rank", "missing_ranks", "unresponsive_ranks", "ranks")
+
+
+@pytest.mark.parametrize("first_fault", ["raise", "kill", "stop", "slow"])
+@pytest.mark.parametrize("waiting_fault", ["kill", "stop"])
+def test_fault_matrix_every_survivor_raises_and_nobody_passes(first_fault: str,
+                                                              waiting_fault: str) -> None:
+    # node 1's first rank and its waiting rank both fail; node 0's ranks must say so
+    out = _run(first_fault, waiting_fault, timeout_s=4 if first_fault == "slow" else 3600,
+               liveness_s=2.0)
+    for rank in (0, 1):
+        assert "error" in out[rank] and "passed" not in out[rank], out[rank]
+        named = {r for key in _NAMES for r in (lambda v: v if isinstance(v, list) else [v])(
+            out[rank].get(key, []))}
+        assert named & {2, 3}, out[rank]
+    for rank in (2, 3):  # the faulty ranks: dead, or they raised too once resumed
+        assert isinstance(out[rank], RankFailure) or "passed" not in out[rank], out[rank]
