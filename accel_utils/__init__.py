@@ -15,7 +15,12 @@ __version__ = "0.1.0"  # the one version string: pyproject.toml reads it from he
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these lazily
     from accel_utils.barriers import barrier_and_log
-    from accel_utils.errors import BarrierTimeoutError, FirstRankFailedError
+    from accel_utils.errors import (
+        BarrierTimeoutError,
+        FirstRankFailedError,
+        RanksNotRespondingError,
+        SideChannelError,
+    )
     from accel_utils.eval_samples import gather_sharded_results, shard_samples
     from accel_utils.eval_shard import dp_eval_sample_shard
     from accel_utils.first_rank import FirstRankPerNode
@@ -32,6 +37,8 @@ _EXPORTS = {
     "BarrierTimeoutError": "accel_utils.errors",
     "FirstRankFailedError": "accel_utils.errors",
     "FirstRankPerNode": "accel_utils.first_rank",
+    "RanksNotRespondingError": "accel_utils.errors",
+    "SideChannelError": "accel_utils.errors",
     "Topology": "accel_utils.topology",
     "barrier_and_log": "accel_utils.barriers",
     "destroy_process_group": "accel_utils.lifecycle",
@@ -47,6 +54,8 @@ __all__ = [
     "BarrierTimeoutError",
     "FirstRankFailedError",
     "FirstRankPerNode",
+    "RanksNotRespondingError",
+    "SideChannelError",
     "Topology",
     "__version__",
     "barrier_and_log",
