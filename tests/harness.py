@@ -90,10 +90,14 @@ def _teardown(ok: bool) -> None:
 
     if dist.is_initialized():
         if ok:
-            # ranks leave together: a destroyed peer would fail a slower rank's collective
+            # ranks leave together: a destroyed peer would fail a slower rank's collective;
+            # bounded, since after a fault test a peer may be dead
             with contextlib.suppress(Exception):
-                dist.barrier()
+                dist.monitored_barrier(timeout=timedelta(seconds=10))
         dist.destroy_process_group()
+    side_channel = sys.modules.get("accel_utils.side_channel")
+    if side_channel is not None:  # as accel_utils.destroy_process_group does
+        side_channel.release_all()
     accelerate_state = sys.modules.get("accelerate.state")
     if accelerate_state is not None:
         accelerate_state.AcceleratorState._reset_state(reset_partial_state=True)
@@ -132,11 +136,11 @@ def _worker_main(rank: int, world_size: int, tasks: Any, results: Any, log_path:
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
-        _teardown(ok)
-        try:
+        try:  # before the teardown: after a fault test it may wait on a dead peer for a while
             results.put((rank, outcome))
         except Exception as exc:  # noqa: BLE001 - an unpicklable result is the test's bug: say so
             results.put((rank, RankFailure.from_exception(rank, exc)))
+        _teardown(ok)
 
 
 class WorkerPool:

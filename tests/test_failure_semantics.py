@@ -13,6 +13,8 @@ import contextlib
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -23,7 +25,7 @@ import torch.distributed as dist
 from accel_utils import BarrierTimeoutError, FirstRankFailedError, FirstRankPerNode, barrier_and_log
 from accel_utils.barriers import _barrier_with_timeout
 from accel_utils.errors import RanksNotRespondingError, SideChannelError
-from tests.harness import RankFailure, run_distributed
+from tests.harness import REPO_ROOT, RankFailure, free_port, launch_env, run_distributed
 
 
 def _outcome(exc: BaseException) -> dict:
@@ -324,3 +326,28 @@ def test_fault_matrix_every_survivor_raises_and_nobody_passes(first_fault: str,
         assert named & {2, 3}, out[rank]
     for rank in (2, 3):  # the faulty ranks: dead, or they raised too once resumed
         assert isinstance(out[rank], RankFailure) or "passed" not in out[rank], out[rank]
+
+
+def test_a_failing_first_rank_and_the_waiting_ranks_exit_while_another_first_rank_works(
+) -> None:
+    port = free_port()
+    procs = []
+    for rank in range(4):
+        env = launch_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                         WORLD_SIZE="4", LOCAL_RANK=str(rank % 2), LOCAL_WORLD_SIZE="2",
+                         GROUP_RANK=str(rank // 2))
+        procs.append(subprocess.Popen([sys.executable, "tests/scripts/leave_at_once.py", "60"],
+                                      env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        for proc in procs[1:]:  # rank 0 sleeps 60 s in its block: they must not wait for it
+            proc.wait(timeout=40)
+        assert procs[0].poll() is None, "rank 0 should still be inside its block"
+        outputs = [proc.communicate()[0] for proc in procs[1:]]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert "RAISED rank=2 ValueError" in outputs[1], outputs
+    for out in (outputs[0], outputs[2]):
+        assert "FirstRankFailedError" in out, outputs
