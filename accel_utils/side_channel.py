@@ -78,6 +78,7 @@ class _Keeper:
     def __init__(self) -> None:
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self.count = 0  # objects parked so far
 
     def park(self, *objects: Any) -> None:
         if self._thread is None:
@@ -85,6 +86,7 @@ class _Keeper:
                                             daemon=True)
             self._thread.start()
         self._inbox.put(objects)
+        self.count += 1
 
     def _hold(self) -> None:
         kept = []
@@ -93,6 +95,11 @@ class _Keeper:
 
 
 _keeper = _Keeper()
+
+
+def parked_count() -> int:
+    """How many abandoned groups (or connection attempts) this process has parked."""
+    return _keeper.count
 
 
 class _Regroup(Exception):

@@ -136,10 +136,14 @@ def _worker_main(rank: int, world_size: int, tasks: Any, results: Any, log_path:
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+        # A worker whose side channel gave up on a group (parked it) retires after this task:
+        # parked groups and their threads must not leak into the next test's process.
+        side_channel = sys.modules.get("accel_utils.side_channel")
+        retire = side_channel is not None and side_channel.parked_count() > 0
         try:  # before the teardown: after a fault test it may wait on a dead peer for a while
-            results.put((rank, outcome))
+            results.put((rank, outcome, retire))
         except Exception as exc:  # noqa: BLE001 - an unpicklable result is the test's bug: say so
-            results.put((rank, RankFailure.from_exception(rank, exc)))
+            results.put((rank, RankFailure.from_exception(rank, exc), retire))
         _teardown(ok)
 
 
@@ -201,7 +205,8 @@ class WorkerPool:
         deadline = time.monotonic() + timeout + 10  # the group's own timeout fires first
         while len(outcomes) < self.world_size:
             try:
-                rank, outcome = self.results.get(timeout=0.2)
+                rank, outcome, retire = self.results.get(timeout=0.2)
+                self.broken = self.broken or retire
                 outcomes[rank] = outcome
                 continue
             except Exception:  # noqa: BLE001 - queue.Empty, or a dead worker: checked below
