@@ -52,8 +52,10 @@ def reduce_loss(
         for the global per-token (or per-micro-batch) loss.
 
     Raises:
-        ValueError: ``loss_store`` is empty or holds a non-scalar loss, or the token count is
-            negative or not a single value.
+        ValueError: ``loss_store`` is empty, holds a non-scalar loss or a loss on the meta
+            device, or the token count is negative, not a whole number (5.7, nan, inf; a float
+            with a whole value such as 6.0 is accepted), on the meta device, or not a single
+            value. Every check runs before the collective, so a refused call reduces nothing.
         TypeError: ``loss_store`` is not a sequence of tensors.
 
     Example:
@@ -62,7 +64,7 @@ def reduce_loss(
     """
     _check_losses(loss_store)
     count = total_num_tokens if per_token_loss else len(loss_store)
-    if loss_store[0].is_cpu:
+    if loss_store[0].is_cpu:  # a meta loss later in the list is refused there, before reducing
         return _reduce_on_host(loss_store, count, dp_group)
     return _reduce_on_device(loss_store, count, dp_group)
 
@@ -75,7 +77,8 @@ def _reduce_on_host(
     count = _count(count)
     try:
         loss_sum = sum([loss.item() for loss in loss_store])
-    except (RuntimeError, AttributeError) as exc:  # several elements, or not a tensor
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:  # several elements,
+        _check_not_meta(loss_store)  # a meta tensor (no data), or not a tensor
         raise _bad_losses(loss_store) from exc
     packed, view = _host_buffer()
     view[0], view[1] = loss_sum, count
@@ -100,6 +103,7 @@ def _reduce_on_device(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # On an accelerator every value stays on the device: no host synchronisation.
     _check_losses(loss_store)
+    _check_not_meta(loss_store)
     count = _count(count)
     with torch.no_grad():
         try:
@@ -134,21 +138,48 @@ def _check_losses(loss_store: Sequence[torch.Tensor]) -> None:
         raise _bad_losses(loss_store)
 
 
+def _check_not_meta(loss_store: Sequence[Any]) -> None:
+    meta = [i for i, x in enumerate(loss_store) if isinstance(x, torch.Tensor) and x.is_meta]
+    if meta:
+        raise ValueError(
+            f"loss_store[{meta[0]}] is on the meta device (it has no values to reduce): compute "
+            "the loss with a materialised model (to_empty() and initialised weights)"
+        )
+
+
 def _count(total_num_tokens: torch.Tensor | int) -> torch.Tensor | int | float:
-    """The validated count: a number where it is on the host, else the device tensor."""
+    """The validated count: a number where it is on the host, else the device tensor.
+
+    A count must be a non-negative whole number: an int, an integer tensor, or a float (tensor)
+    whose value is whole (``mask.float().sum()``). A fractional count (5.7) is refused, as it
+    would be summed over the ranks and then truncated.
+    """
     if isinstance(total_num_tokens, torch.Tensor):
         if total_num_tokens.numel() != 1:
             raise ValueError(
                 "total_num_tokens must be one token count (an int or a one-element tensor); "
                 f"got a tensor of shape {tuple(total_num_tokens.shape)}"
             )
+        if total_num_tokens.is_meta:
+            raise ValueError(
+                "total_num_tokens is on the meta device (it has no value): count the tokens of "
+                "a real batch"
+            )
         if total_num_tokens.is_cpu:
             total_num_tokens = total_num_tokens.item()
+        elif total_num_tokens.is_floating_point():
+            count = total_num_tokens.reshape(()).double()
+            # one device sync, as a logged loss.item() costs
+            if not bool((count >= 0) & (count == count.floor()) & count.isfinite()):
+                raise _bad_count(total_num_tokens)
+            return total_num_tokens
         elif bool(total_num_tokens < 0):  # one device sync, as a logged loss.item() costs
             raise _bad_count(total_num_tokens)
         else:
             return total_num_tokens
     if isinstance(total_num_tokens, bool) or not isinstance(total_num_tokens, (int, float)):
+        raise _bad_count(total_num_tokens)
+    if isinstance(total_num_tokens, float) and not total_num_tokens.is_integer():  # nan, inf too
         raise _bad_count(total_num_tokens)
     if total_num_tokens < 0:
         raise _bad_count(total_num_tokens)
@@ -169,5 +200,6 @@ def _bad_losses(loss_store: Sequence[Any]) -> Exception:
 
 def _bad_count(value: Any) -> ValueError:
     return ValueError(
-        f"total_num_tokens must be a non-negative integer token count; got {value!r}"
+        "total_num_tokens must be a non-negative integer token count (a whole number, not a "
+        f"fraction such as 5.7, nan or inf); got {value!r}"
     )
