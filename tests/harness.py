@@ -14,7 +14,9 @@ Both enforce a hard timeout: a hang kills the processes and fails the test with 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import multiprocessing as mp
 import os
 import signal
 import socket
@@ -23,10 +25,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
-
-import multiprocessing as mp
+from typing import Any
 
 _CTX = mp.get_context("spawn")
 DEFAULT_TIMEOUT = 60.0
@@ -52,7 +53,7 @@ class RankFailure:
     attrs: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_exception(cls, rank: int, exc: BaseException) -> "RankFailure":
+    def from_exception(cls, rank: int, exc: BaseException) -> RankFailure:
         attrs = {}
         for key, value in vars(exc).items():
             if isinstance(value, (int, float, str, list, tuple, type(None))):
@@ -89,11 +90,14 @@ def _teardown(ok: bool) -> None:
 
     if dist.is_initialized():
         if ok:
-            try:  # ranks leave together: a destroyed peer would fail a slower rank's collective
-                dist.barrier()
-            except Exception:
-                pass
+            # ranks leave together: a destroyed peer would fail a slower rank's collective;
+            # bounded, since after a fault test a peer may be dead
+            with contextlib.suppress(Exception):
+                dist.monitored_barrier(timeout=timedelta(seconds=10))
         dist.destroy_process_group()
+    side_channel = sys.modules.get("accel_utils.side_channel")
+    if side_channel is not None:  # as accel_utils.destroy_process_group does
+        side_channel.release_all()
     accelerate_state = sys.modules.get("accelerate.state")
     if accelerate_state is not None:
         accelerate_state.AcceleratorState._reset_state(reset_partial_state=True)
@@ -132,11 +136,11 @@ def _worker_main(rank: int, world_size: int, tasks: Any, results: Any, log_path:
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
-        _teardown(ok)
-        try:
+        try:  # before the teardown: after a fault test it may wait on a dead peer for a while
             results.put((rank, outcome))
-        except Exception as exc:  # an unpicklable result is the test's bug: say so
+        except Exception as exc:  # noqa: BLE001 - an unpicklable result is the test's bug: say so
             results.put((rank, RankFailure.from_exception(rank, exc)))
+        _teardown(ok)
 
 
 class WorkerPool:
@@ -200,7 +204,7 @@ class WorkerPool:
                 rank, outcome = self.results.get(timeout=0.2)
                 outcomes[rank] = outcome
                 continue
-            except Exception:
+            except Exception:  # noqa: BLE001 - queue.Empty, or a dead worker: checked below
                 pass
             for rank, proc in enumerate(self.procs):
                 if rank not in outcomes and not proc.is_alive():
@@ -335,10 +339,8 @@ def run_commands(
         except subprocess.TimeoutExpired:
             timed_out = True
             for p in procs:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             out, err = proc.communicate()
         runs.append(NodeRun(i, proc.returncode, out, err))
     if timed_out:

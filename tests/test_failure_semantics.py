@@ -9,9 +9,12 @@ so that no process is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -19,11 +22,10 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from accel_utils import BarrierTimeoutError, FirstRankFailedError, FirstRankPerNode
-from accel_utils import barrier_and_log
+from accel_utils import BarrierTimeoutError, FirstRankFailedError, FirstRankPerNode, barrier_and_log
 from accel_utils.barriers import _barrier_with_timeout
 from accel_utils.errors import RanksNotRespondingError, SideChannelError
-from tests.harness import RankFailure, run_distributed
+from tests.harness import REPO_ROOT, RankFailure, free_port, launch_env, run_distributed
 
 
 def _outcome(exc: BaseException) -> dict:
@@ -69,10 +71,8 @@ def _guard_fault(first_fault: str, waiting_fault: str, timeout_s: float,
                 time.sleep(3)  # every survivor has its diagnosis before the frozen rank resumes
             for pid in pids:  # resume what the test froze; the frozen rank then reports too
                 if pid != os.getpid():
-                    try:
+                    with contextlib.suppress(ProcessLookupError):  # the rank the test killed
                         os.kill(pid, signal.SIGCONT)
-                    except ProcessLookupError:  # the rank the test killed
-                        pass
     return out
 
 
@@ -293,7 +293,8 @@ def _unprintable() -> dict:
 def test_an_exception_whose_str_raises_still_gives_a_clear_report() -> None:
     out = run_distributed(_unprintable, 2, timeout=30)
     assert out[0] == {"own": True}
-    assert out[1]["exc_type"] == "_Unprintable" and "str() of this _Unprintable" in out[1]["message"]
+    assert out[1]["exc_type"] == "_Unprintable"
+    assert "str() of this _Unprintable" in out[1]["message"]
 
 
 @pytest.mark.parametrize("error", [
@@ -325,3 +326,28 @@ def test_fault_matrix_every_survivor_raises_and_nobody_passes(first_fault: str,
         assert named & {2, 3}, out[rank]
     for rank in (2, 3):  # the faulty ranks: dead, or they raised too once resumed
         assert isinstance(out[rank], RankFailure) or "passed" not in out[rank], out[rank]
+
+
+def test_a_failing_first_rank_and_the_waiting_ranks_exit_while_another_first_rank_works(
+) -> None:
+    port = free_port()
+    procs = []
+    for rank in range(4):
+        env = launch_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                         WORLD_SIZE="4", LOCAL_RANK=str(rank % 2), LOCAL_WORLD_SIZE="2",
+                         GROUP_RANK=str(rank // 2))
+        procs.append(subprocess.Popen([sys.executable, "tests/scripts/leave_at_once.py", "60"],
+                                      env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        for proc in procs[1:]:  # rank 0 sleeps 60 s in its block: they must not wait for it
+            proc.wait(timeout=40)
+        assert procs[0].poll() is None, "rank 0 should still be inside its block"
+        outputs = [proc.communicate()[0] for proc in procs[1:]]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert "RAISED rank=2 ValueError" in outputs[1], outputs
+    for out in (outputs[0], outputs[2]):
+        assert "FirstRankFailedError" in out, outputs
