@@ -105,7 +105,8 @@ def gather_sharded_results(results: Any, shard: Shard | None, group: Any = None)
     topo = resolve(group)
     if topo.group is None:  # one process: nothing to agree on
         if shard is None:
-            return results
+            unchanged: list[Any] = results  # what the caller passed, as documented
+            return unchanged
         rank, size = _check_shard(shard)
         return _merge([(rank, size, _as_list(results))], size)
     entry = _entry(results, shard)
@@ -149,7 +150,8 @@ def _agree(gathered: list[tuple[Any, ...]], results: Any) -> list[Any]:
         )
     nones = [r for r, e in enumerate(gathered) if e[0] == _NONE]
     if len(nones) == len(gathered):
-        return results
+        unchanged: list[Any] = results  # what the caller passed, as documented
+        return unchanged
     if nones:
         others = [r for r in range(len(gathered)) if r not in nones]
         raise ValueError(

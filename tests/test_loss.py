@@ -164,8 +164,9 @@ def _bad_counts_before_any_collective() -> dict:
     calls, restore = _count()
     out = {}
     try:
-        for key, tokens, store in (("float", 5.7, losses), ("float_tensor", torch.tensor(5.7), losses),
-                                   ("meta", 4, [torch.tensor(1.0, device="meta")])):
+        cases = (("float", 5.7, losses), ("float_tensor", torch.tensor(5.7), losses),
+                 ("meta", 4, [torch.tensor(1.0, device="meta")]))
+        for key, tokens, store in cases:
             before = len(calls)
             try:
                 reduce_loss(store, tokens)
