@@ -36,7 +36,8 @@ def shard_samples(samples: Any, shard: Shard | None) -> Any:
     start, stop = _bounds(len(_sized(samples)), rank, size)
     datasets = sys.modules.get("datasets")
     if datasets is not None and isinstance(samples, datasets.Dataset):
-        return samples.select(range(start, stop))
+        # select(range(n, n)) on an n-row Dataset raises IndexError: an empty part is select([])
+        return samples.select(range(start, stop) if stop > start else [])
     return samples[start:stop]
 
 
@@ -78,6 +79,12 @@ def gather_sharded_results(results: Any, shard: Shard | None, group: Any = None)
     replica) contribute one copy; a rank with no samples takes part like any other, so nobody
     waits for it. An NCCL group gathers over its gloo side group (objects stay on the CPU).
 
+    Every rank also sends whether its arguments are valid in that one gather, so a mistake on
+    one rank (an invalid shard, ``None`` on some ranks and a tuple on others, parts whose sizes
+    do not fit :func:`shard_samples`' layout) raises the same error on every rank instead of
+    leaving the others waiting or joining misaligned results. With ``shard=None`` on every rank
+    the gather carries only that marker (a few bytes), not the results.
+
     Args:
         results: this rank's results, one picklable item per sample of its shard.
         shard: the same ``(rank, size)`` (or None) that :func:`shard_samples` was given.
@@ -88,19 +95,71 @@ def gather_sharded_results(results: Any, shard: Shard | None, group: Any = None)
         All results as one list; ``results`` unchanged when ``shard`` is None.
 
     Raises:
-        ValueError: the ranks' shards do not cover ``range(size)`` or disagree on ``size``
-            (raised on every rank alike).
+        TypeError: this rank's ``shard`` or ``results`` has the wrong type (without a group);
+            with a group, on every rank, when that is the only kind of mistake.
+        ValueError: on every rank alike: a rank's shard is invalid, some ranks passed None and
+            others a shard, the ranks' shards do not cover ``range(size)`` or disagree on
+            ``size``, ranks of one replica returned different numbers of results, or a part's
+            size is not the one :func:`shard_samples` gives for the total.
     """
+    topo = resolve(group)
+    if topo.group is None:  # one process: nothing to agree on
+        if shard is None:
+            unchanged: list[Any] = results  # what the caller passed, as documented
+            return unchanged
+        rank, size = _check_shard(shard)
+        return _merge([(rank, size, _as_list(results))], size)
+    entry = _entry(results, shard)
+    gathered: list[Any] = [None] * topo.world_size
+    dist.all_gather_object(gathered, entry, group=_object_group(topo.group))
+    return _agree(gathered, results)
+
+
+_NONE = "none"  # a rank's entry when its shard is None
+_BAD = "bad"  # (_BAD, exception type name, message) when its arguments are invalid
+
+
+def _as_list(results: Any) -> list[Any]:
+    try:
+        return list(results)
+    except TypeError:
+        raise TypeError(
+            f"results: expected an iterable of per-sample results, got {type(results).__name__}"
+        ) from None
+
+
+def _entry(results: Any, shard: Any) -> tuple[Any, ...]:
     if shard is None:
+        return (_NONE,)
+    try:
+        rank, size = _check_shard(shard)
+        return (rank, size, _as_list(results))
+    except (TypeError, ValueError) as exc:
+        return (_BAD, type(exc).__name__, str(exc))
+
+
+def _agree(gathered: list[tuple[Any, ...]], results: Any) -> list[Any]:
+    """The same outcome on every rank from the gathered entries: results, or one error."""
+    bad = [(r, e[1], e[2]) for r, e in enumerate(gathered) if e[0] == _BAD]
+    if bad:
+        kinds = {kind for _, kind, _ in bad}
+        error = TypeError if kinds == {"TypeError"} else ValueError
+        raise error(
+            "gather_sharded_results: invalid arguments on "
+            + "; ".join(f"rank {r}: {message}" for r, _, message in bad)
+        )
+    nones = [r for r, e in enumerate(gathered) if e[0] == _NONE]
+    if len(nones) == len(gathered):
         unchanged: list[Any] = results  # what the caller passed, as documented
         return unchanged
-    rank, size = _check_shard(shard)
-    topo = resolve(group)
-    part = list(results)
-    if topo.group is None:
-        return _merge([(rank, size, part)], size)
-    gathered: list[Any] = [None] * topo.world_size
-    dist.all_gather_object(gathered, (rank, size, part), group=_object_group(topo.group))
+    if nones:
+        others = [r for r in range(len(gathered)) if r not in nones]
+        raise ValueError(
+            f"gather_sharded_results: shard is None on rank(s) {nones} but a (rank, size) tuple "
+            f"on rank(s) {others}: every rank must pass what dp_eval_sample_shard returned for "
+            "the same model or configuration"
+        )
+    size = gathered[0][1]
     return _merge(gathered, size)
 
 
@@ -115,15 +174,44 @@ def _object_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
 
 
 def _merge(entries: list[tuple[int, int, list[Any]]], size: int) -> list[Any]:
+    """Join ``(shard index, shard size, part)`` entries, one per group rank, in shard order.
+
+    Raises ValueError when the entries do not form :func:`shard_samples`' layout of one sample
+    list: a disagreeing size, a missing shard, ranks of one shard (replica) with parts of
+    different lengths, or part lengths that are not the contiguous near-equal split of the total.
+    """
     parts: dict[int, list[Any]] = {}
-    for index, their_size, part in entries:
+    holders: dict[int, list[tuple[int, int]]] = {}
+    for group_rank, (index, their_size, part) in enumerate(entries):
         if their_size != size:
             raise ValueError(f"ranks disagree on the shard size ({their_size} vs {size})")
         parts.setdefault(index, part)
+        holders.setdefault(index, []).append((group_rank, len(part)))
     missing = sorted(set(range(size)) - set(parts))
     if missing:
         raise ValueError(
             f"no rank of the group holds shard(s) {missing} of {size}: pass every rank's shard "
             "from dp_eval_sample_shard and a group that spans all of them"
+        )
+    for index in range(size):
+        if len({n for _, n in holders[index]}) > 1:
+            counts = ", ".join(f"rank {r}: {n}" for r, n in holders[index])
+            raise ValueError(
+                f"the ranks of shard {index} (one replica) returned different numbers of "
+                f"results ({counts}): they score the same samples and must return one result each"
+            )
+    total = sum(len(part) for part in parts.values())
+    wrong = [
+        (index, len(parts[index]), stop - start)
+        for index in range(size)
+        for start, stop in [_bounds(total, index, size)]
+        if len(parts[index]) != stop - start
+    ]
+    if wrong:
+        detail = "; ".join(f"shard {i} has {got}, expected {want}" for i, got, want in wrong)
+        raise ValueError(
+            f"the results do not fit the shard layout of {total} samples over {size} shards "
+            f"({detail}): each rank must return exactly one result per sample that "
+            "shard_samples gave it, or the gathered results would be misaligned"
         )
     return [item for index in range(size) for item in parts[index]]

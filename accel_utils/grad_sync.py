@@ -32,7 +32,7 @@ _static_graph_logged: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def get_sync_ctx(
-    model: nn.Module | list[nn.Module] | tuple[nn.Module, ...],
+    model: Any,
     is_optim_step: bool | None,
     defer_fsdp_grad_sync: DeferMode = True,
     *,
@@ -60,13 +60,16 @@ def get_sync_ctx(
       ``optimizer.zero_grad()`` and restart the step's micro-batches: the next step is then
       exact. No collective runs on that path, so a rank that failed alone cannot hang there.
     * FSDP1 and any other wrapper with a callable ``no_sync``: ``no_sync()`` on non-final
-      micro-batches.
+      micro-batches. The wrapper need not be an ``nn.Module``: any object with a callable
+      ``no_sync`` (a training-framework wrapper that holds the DDP model) is accepted, and its
+      ``no_sync()`` is called, as the seed did; a null context on the final micro-batch.
     * DeepSpeed engines (and any run whose ``accelerator`` is a DeepSpeed one), plain modules
       and single-process runs: a null context (DeepSpeed accumulates by itself).
 
     Args:
-        model: the model, or a list / tuple of model parts (pipeline stages, several FSDP
-            roots): the context applies to, and restores, every part.
+        model: the model (an ``nn.Module``, or any object with a callable ``no_sync``), or a
+            list / tuple of them (pipeline stages, several FSDP roots): the context applies to,
+            and restores, every part.
         is_optim_step: True on the micro-batch after which the optimizer steps. ``None`` asks
             ``accelerator.sync_gradients`` (needs ``accelerator=``).
         defer_fsdp_grad_sync: what FSDP2 does on non-final micro-batches.
@@ -87,8 +90,8 @@ def get_sync_ctx(
         A context manager.
 
     Raises:
-        TypeError: ``model`` is not a module (or a list / tuple of modules), or
-            ``is_optim_step`` is neither a bool nor None.
+        TypeError: ``model`` (or a part) is neither an ``nn.Module`` nor an object with a
+            callable ``no_sync``, or ``is_optim_step`` is neither a bool nor None.
         ValueError: an unknown ``defer_fsdp_grad_sync``, or an empty list of parts.
         RuntimeError: a static-graph DDP model whose graph state cannot be read on this torch.
 
@@ -112,9 +115,10 @@ def get_sync_ctx(
     if not parts:
         raise ValueError("model is an empty list: pass the model or its parts")
     for part in parts:
-        if not isinstance(part, nn.Module):
+        if not isinstance(part, nn.Module) and not callable(getattr(part, "no_sync", None)):
             raise TypeError(
-                f"model must be a torch.nn.Module or a list of them; got {type(part).__name__}"
+                "model must be a torch.nn.Module, an object with a callable no_sync() (a "
+                f"wrapper), or a list of them; got {type(part).__name__}"
             )
     if is_deepspeed_run(accelerator):
         return nullcontext()
@@ -127,7 +131,7 @@ def get_sync_ctx(
 
 @contextmanager
 def _all_parts(
-    parts: tuple[nn.Module, ...], is_optim_step: bool, defer: DeferMode
+    parts: tuple[Any, ...], is_optim_step: bool, defer: DeferMode
 ) -> Iterator[None]:
     with ExitStack() as stack:  # exits (restores) every part entered, in reverse, also on error
         for part in parts:
@@ -136,7 +140,7 @@ def _all_parts(
 
 
 def _part_ctx(
-    part: nn.Module, is_optim_step: bool, defer: DeferMode
+    part: Any, is_optim_step: bool, defer: DeferMode
 ) -> AbstractContextManager[None]:
     module = unwrap_compiled(part)
     if is_deepspeed_engine(module):

@@ -54,8 +54,10 @@ def reduce_loss(
         for the global per-token (or per-micro-batch) loss.
 
     Raises:
-        ValueError: ``loss_store`` is empty or holds a non-scalar loss, or the token count is
-            negative or not a single value.
+        ValueError: ``loss_store`` is empty, holds a non-scalar loss or a loss on the meta
+            device, or the token count is negative, not a whole number (5.7, nan, inf; a float
+            with a whole value such as 6.0 is accepted), on the meta device, or not a single
+            value. Every check runs before the collective, so a refused call reduces nothing.
         TypeError: ``loss_store`` is not a sequence of tensors.
 
     Example:
@@ -64,7 +66,7 @@ def reduce_loss(
     """
     _check_losses(loss_store)
     count = total_num_tokens if per_token_loss else len(loss_store)
-    if loss_store[0].is_cpu:
+    if loss_store[0].is_cpu:  # a meta loss later in the list is refused there, before reducing
         return _reduce_on_host(loss_store, count, dp_group)
     return _reduce_on_device(loss_store, count, dp_group)
 
@@ -77,7 +79,8 @@ def _reduce_on_host(
     number = _count(count)
     try:
         loss_sum = sum([loss.item() for loss in loss_store])
-    except (RuntimeError, AttributeError) as exc:  # several elements, or not a tensor
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:  # several elements,
+        _check_not_meta(loss_store)  # a meta tensor (no data), or not a tensor
         raise _bad_losses(loss_store) from exc
     packed, view = _host_buffer()
     view[0], view[1] = loss_sum, number
@@ -102,6 +105,7 @@ def _reduce_on_device(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # On an accelerator every value stays on the device: no host synchronisation.
     _check_losses(loss_store)
+    _check_not_meta(loss_store)
     number = _count(count)
     with torch.no_grad():
         try:
@@ -136,8 +140,22 @@ def _check_losses(loss_store: Sequence[torch.Tensor]) -> None:
         raise _bad_losses(loss_store)
 
 
+def _check_not_meta(loss_store: Sequence[Any]) -> None:
+    meta = [i for i, x in enumerate(loss_store) if isinstance(x, torch.Tensor) and x.is_meta]
+    if meta:
+        raise ValueError(
+            f"loss_store[{meta[0]}] is on the meta device (it has no values to reduce): compute "
+            "the loss with a materialised model (to_empty() and initialised weights)"
+        )
+
+
 def _count(total_num_tokens: torch.Tensor | int) -> torch.Tensor | float:
-    """The validated count: a number where it is on the host, else the device tensor."""
+    """The validated count: a number where it is on the host, else the device tensor.
+
+    A count must be a non-negative whole number: an int, an integer tensor, or a float (tensor)
+    whose value is whole (``mask.float().sum()``). A fractional count (5.7) is refused, as it
+    would be summed over the ranks and then truncated.
+    """
     value: object = total_num_tokens  # callers may pass anything: checked here
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -145,13 +163,26 @@ def _count(total_num_tokens: torch.Tensor | int) -> torch.Tensor | float:
                 "total_num_tokens must be one token count (an int or a one-element tensor); "
                 f"got a tensor of shape {tuple(value.shape)}"
             )
+        if value.is_meta:
+            raise ValueError(
+                "total_num_tokens is on the meta device (it has no value): count the tokens of "
+                "a real batch"
+            )
         if value.is_cpu:
             value = value.item()
+        elif value.is_floating_point():
+            as_double = value.reshape(()).double()
+            # one device sync, as a logged loss.item() costs
+            if not bool((as_double >= 0) & (as_double == as_double.floor()) & as_double.isfinite()):
+                raise _bad_count(value)
+            return value
         elif bool(value < 0):  # one device sync, as a logged loss.item() costs
             raise _bad_count(value)
         else:
             return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad_count(value)
+    if isinstance(value, float) and not value.is_integer():  # nan and inf too
         raise _bad_count(value)
     if value < 0:
         raise _bad_count(value)
@@ -172,5 +203,6 @@ def _bad_losses(loss_store: Sequence[Any]) -> Exception:
 
 def _bad_count(value: Any) -> ValueError:
     return ValueError(
-        f"total_num_tokens must be a non-negative integer token count; got {value!r}"
+        "total_num_tokens must be a non-negative integer token count (a whole number, not a "
+        f"fraction such as 5.7, nan or inf); got {value!r}"
     )

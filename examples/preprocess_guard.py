@@ -1,7 +1,9 @@
 """Tokenize a dataset once per node (or once per job) under FirstRankPerNode; the rest load it.
 
-One node, two processes::
+One node, two processes (with no ``--cache-dir``, rank 0 makes a fresh temporary directory,
+shares its name with every rank and removes it at the end)::
 
+    torchrun --nproc_per_node 2 examples/preprocess_guard.py
     torchrun --nproc_per_node 2 examples/preprocess_guard.py --order local --cache-dir /tmp/tok
 
 Two nodes with node-local disks (here simulated on one host, each "node" its own directory)::
@@ -26,7 +28,9 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
+import tempfile
 
 import torch.distributed as dist
 
@@ -45,10 +49,25 @@ def generate_texts(rows: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(rows)]
 
 
+def fresh_cache_dir() -> str:
+    """A new temporary directory made by rank 0, its name shared with every rank.
+
+    On other hosts the same path is created by the guard's ``os.makedirs`` (node-local disks).
+    """
+    name = [tempfile.mkdtemp(prefix="accel_utils_preprocess_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    return name[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--order", choices=["local", "global", "auto"], default="local")
-    parser.add_argument("--cache-dir", required=True, help="may contain {node}")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="may contain {node}; default: a fresh temporary directory (made by rank 0, "
+        "removed at the end)",
+    )
     parser.add_argument("--rows", type=int, default=2000)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -59,7 +78,8 @@ def main() -> None:
     dist.init_process_group("gloo")
     topo = resolve()
     node = topo.nodes.node_rank
-    cache_dir = args.cache_dir.format(node=node)
+    fresh = args.cache_dir is None
+    cache_dir = fresh_cache_dir() if fresh else args.cache_dir.format(node=node)
 
     texts = generate_texts(args.rows)
     vocab = {word: i + 2 for i, word in enumerate(sorted(WORDS))}  # 0 pad, 1 unknown
@@ -87,7 +107,7 @@ def main() -> None:
     digest = hashlib.sha256(json.dumps(tokenized.to_dict()["input_ids"]).encode()).hexdigest()[:16]
     sys.stdout.write(
         f"PREPROCESS rank={topo.rank} node={node} first={first} calls={calls} "
-        f"rows={len(tokenized)} digest={digest}\n"
+        f"rows={len(tokenized)} digest={digest} cache_dir={cache_dir}\n"
     )
     sys.stdout.flush()
 
@@ -100,7 +120,10 @@ def main() -> None:
         sys.stdout.write(f"MAP_CALLS {json.dumps(per_node)}\n")
         sys.stdout.write(f"SAME_DATASET {len({d for _, _, d in everyone}) == 1}\n")
         sys.stdout.flush()
+    del tokenized  # the arrow file is memory-mapped: release it before the directory goes
     accel_utils.destroy_process_group()  # barrier, then destroy_process_group()
+    if fresh and topo.nodes.local_rank == 0:  # every rank of every node is done with it
+        shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

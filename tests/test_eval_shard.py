@@ -474,6 +474,63 @@ def test_gather_edge_cases() -> None:
         assert "[2]" in o["missing"]  # every rank raises the same error instead of hanging
 
 
+def test_shard_samples_dataset_gives_empty_parts() -> None:
+    import datasets
+
+    # fewer rows than ranks: the last ranks get an empty Dataset, as a list gives []
+    one = datasets.Dataset.from_dict({"x": [7]})
+    parts = [shard_samples(one, (r, 3)) for r in range(3)]
+    assert [p["x"] for p in parts] == [[7], [], []]
+    assert all(isinstance(p, datasets.Dataset) and p.column_names == ["x"] for p in parts)
+    empty = datasets.Dataset.from_dict({"x": []})
+    assert [len(shard_samples(empty, (r, 2))) for r in range(2)] == [0, 0]
+    assert shard_samples([7], (2, 3)) == [] and shard_samples((), (1, 2)) == ()
+
+
+def _gather_bad_layouts() -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {}
+
+    def attempt(key, results, shard):
+        try:
+            out[key] = ("ok", gather_sharded_results(results, shard))
+        except (TypeError, ValueError) as exc:
+            out[key] = (type(exc).__name__, str(exc))
+
+    # 5 samples over 4 ranks are parts of 2, 1, 1, 1: rank 0 returned one result too few and
+    # rank 3 one too many (same total): joined, the results would be silently misaligned
+    sizes = {0: 1, 1: 1, 2: 1, 3: 2}
+    attempt("misaligned", [f"r{rank}"] * sizes[rank], (rank, world))
+    # ranks of one replica (shard index) disagree on their results
+    replica = (rank // 2, 2)
+    attempt("replica_disagrees", [rank] * (2 if rank == 1 else 1), replica)
+    # one rank passes None (every rank scores everything), the others a shard: no hang
+    attempt("none_vs_tuple", [rank], None if rank == 0 else (rank - 1, world - 1))
+    # an invalid shard on one rank only: every rank raises (it would leave the others waiting)
+    attempt("invalid_on_one", [rank], (world, world) if rank == 2 else (rank, world))
+    attempt("all_none", [rank], None)
+    attempt("after", [rank], (rank, world))  # the group is still in step
+    return out
+
+
+def test_gather_checks_layout_and_validity_on_every_rank() -> None:
+    out = run_distributed(_gather_bad_layouts, 4, timeout=60)
+    for rank, o in enumerate(out):
+        kind, text = o["misaligned"]
+        assert kind == "ValueError" and "shard 0" in text and "expected 2" in text, text
+        kind, text = o["replica_disagrees"]
+        assert kind == "ValueError" and "replica" in text, text
+        kind, text = o["none_vs_tuple"]
+        assert kind == "ValueError" and "None" in text and "[0]" in text, text
+        kind, text = o["invalid_on_one"]
+        assert kind == "ValueError" and "rank 2" in text, text
+        assert o["all_none"] == ("ok", [rank])
+        assert o["after"] == ("ok", [0, 1, 2, 3])
+    # the same error on every rank
+    for key in ("misaligned", "replica_disagrees", "none_vs_tuple", "invalid_on_one"):
+        assert len({o[key] for o in out}) == 1, key
+
+
 def test_gather_without_a_group() -> None:
     assert gather_sharded_results(["x", "y"], (0, 1)) == ["x", "y"]
     assert gather_sharded_results([], None) == []

@@ -4,6 +4,7 @@ gradient reductions really are skipped (counted) until the optimizer step."""
 from __future__ import annotations
 
 import logging
+import types
 from contextlib import nullcontext
 
 import pytest
@@ -225,6 +226,51 @@ def test_ddp_wrappers_accelerator_deepspeed_and_parts() -> None:
         assert seen["parts_inside"] == [False, False] and seen["parts_after"] == [True, True]
 
 
+class NoSyncWrapper:
+    """Not an nn.Module: a training wrapper that holds a DDP model and forwards ``no_sync``."""
+
+    def __init__(self, ddp: nn.Module) -> None:
+        self.ddp = ddp
+        self.no_sync_calls = 0
+
+    def __call__(self, *args, **kwargs):
+        return self.ddp(*args, **kwargs)
+
+    def parameters(self):
+        return self.ddp.parameters()
+
+    def no_sync(self):
+        self.no_sync_calls += 1
+        return self.ddp.no_sync()
+
+
+def _duck_typed_wrapper() -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(_model())
+    calls: list[int] = []
+    ddp.register_comm_hook(calls, _counting_hook)
+    wrapper = NoSyncWrapper(ddp)
+    out = _train(wrapper, ddp.module, dist.group.WORLD, 2, lambda last: get_sync_ctx(wrapper, last))
+    out |= {"hook_calls_per_step": len(calls) / 2, "no_sync_calls": wrapper.no_sync_calls}
+    with get_sync_ctx([wrapper, DDP(_model())], True):  # with modules in a list, final step
+        out["final_in_list"] = ddp.require_backward_grad_sync
+    try:
+        get_sync_ctx(object(), False)
+    except TypeError as exc:
+        out["neither"] = str(exc)
+    return out
+
+
+def test_object_with_a_callable_no_sync_is_accepted() -> None:
+    for rank in run_distributed(_duck_typed_wrapper, 2):
+        assert rank["hook_calls_per_step"] == 1  # one gradient all-reduce per optimizer step
+        assert rank["no_sync_calls"] == 2 * (K - 1)  # called for every non-final micro-batch
+        assert all(rank["loss_ok"]) and max(rank["errors"]) < 1e-6  # exact vs. one process
+        assert rank["final_in_list"] is True
+        assert "nn.Module" in rank["neither"] and "no_sync" in rank["neither"]
+
+
 def _static_graph_log() -> list[str]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -381,6 +427,8 @@ def test_single_process_is_a_null_context() -> None:
     "args,kwargs,exc,words",
     [
         (("not a model", False), {}, TypeError, "nn.Module"),
+        ((object(), False), {}, TypeError, "callable no_sync"),
+        ((types.SimpleNamespace(no_sync=1), False), {}, TypeError, "callable no_sync"),
         (([], False), {}, ValueError, "empty"),
         ((nn.Linear(1, 1), 1), {}, TypeError, "bool"),
         ((nn.Linear(1, 1), None), {}, TypeError, "accelerator"),

@@ -159,6 +159,37 @@ def test_reduces_over_data_parallel_ranks_not_tensor_parallel() -> None:
         assert o["denom"] == tokens and o["loss"] == pytest.approx(loss, rel=1e-6)
 
 
+def _bad_counts_before_any_collective() -> dict:
+    losses = [torch.tensor(2.0), torch.tensor(3.0)]
+    calls, restore = _count()
+    out = {}
+    try:
+        cases = (("float", 5.7, losses), ("float_tensor", torch.tensor(5.7), losses),
+                 ("meta", 4, [torch.tensor(1.0, device="meta")]))
+        for key, tokens, store in cases:
+            before = len(calls)
+            try:
+                reduce_loss(store, tokens)
+                out[key] = "no error"
+            except (TypeError, ValueError) as exc:
+                out[key] = type(exc).__name__
+            out[key + "_calls"] = len(calls) - before
+        before = len(calls)
+        loss, denom = reduce_loss(losses, 6.0)  # a whole float count is a count: accepted, exact
+        out["whole"] = (float(loss), int(denom), len(calls) - before)
+    finally:
+        restore()
+    return out
+
+
+def test_non_integer_counts_and_meta_losses_refused_before_the_collective() -> None:
+    for o in run_distributed(_bad_counts_before_any_collective, 4):
+        # 4 ranks x 5.7 tokens used to reduce to 22 without a word
+        assert o["float"] == o["float_tensor"] == o["meta"] == "ValueError", o
+        assert o["float_calls"] == o["float_tensor_calls"] == o["meta_calls"] == 0
+        assert o["whole"] == (20.0, 24, 1)
+
+
 def test_single_process_without_group() -> None:
     assert not dist.is_initialized()
     losses = [torch.tensor(1.5), torch.tensor([2.5])]
@@ -178,6 +209,13 @@ def test_single_process_without_group() -> None:
         ([torch.tensor(1.0)], torch.tensor(-4), ValueError, "non-negative"),
         ([torch.tensor(1.0)], torch.tensor([3, 4]), ValueError, "one token count"),
         ([torch.tensor(1.0)], "7", ValueError, "non-negative integer"),
+        ([torch.tensor(1.0)], 5.7, ValueError, "whole number"),
+        ([torch.tensor(1.0)], torch.tensor(5.7), ValueError, "whole number"),
+        ([torch.tensor(1.0)], float("nan"), ValueError, "whole number"),
+        ([torch.tensor(1.0)], float("inf"), ValueError, "whole number"),
+        ([torch.tensor(1.0, device="meta")], 3, ValueError, "meta"),
+        ([torch.tensor(1.0), torch.tensor(2.0, device="meta")], 3, ValueError, "meta"),
+        ([torch.tensor(1.0)], torch.tensor(3, device="meta"), ValueError, "meta"),
     ],
 )
 def test_bad_input_says_what_was_expected(reduce, losses, tokens, exc, words) -> None:
