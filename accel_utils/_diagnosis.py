@@ -28,6 +28,12 @@ logger = logging.getLogger(__name__)
 _SETTLE_S = POLL_S + 0.3  # on a failure: time for every arrived member to post its mark
 _LOST_WAIT_S = 1.0  # after a lost connection: how long a failure record may take to appear
 _STORE_S = 30.0  # how long a failure path waits for the store when liveness is off
+_STORE_MIN_S = 10.0  # a busy store host may stall a request for seconds: not a lost store
+
+
+def store_deadline(liveness: float | None) -> float:
+    """How long a store request may take before the job's store counts as lost."""
+    return _STORE_S if liveness is None else max(liveness, _STORE_MIN_S)
 
 
 class Diagnoses:
@@ -48,7 +54,7 @@ class Diagnoses:
 
     def store(self, fn: Callable[[Any], Any], liveness: float | None) -> Any:
         """``fn(store)``, bounded (see :meth:`Pulse.call`)."""
-        return self.pulse.call(fn, liveness or _STORE_S)
+        return self.pulse.call(fn, store_deadline(liveness))
 
     def read(self, key: str, liveness: float | None) -> dict[str, Any] | None:
         """The failure record under ``key``, if there is one (None also when the store is gone)."""

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import PrefixStore
 
 from accel_utils._cache import IdentityCache
-from accel_utils._diagnosis import Diagnoses, error_from
+from accel_utils._diagnosis import Diagnoses, error_from, store_deadline
 from accel_utils._pulse import POLL_S, Mark, Pulse, mark_key
 from accel_utils.errors import SideChannelError
 
@@ -250,9 +250,9 @@ class Lane(Diagnoses):
             self.fail(record, liveness=liveness)
         if liveness is None:
             return
-        if self.pulse.stuck_for() > liveness:
+        if self.pulse.stuck_for() > store_deadline(liveness):
             self.abandon()
-            raise SideChannelError(f"{what}: lost the job's store: no answer for {liveness:g}s "
+            raise SideChannelError(f"{what}: lost the job's store: no answer for {store_deadline(liveness):g}s "
                                    "(its host is down or unreachable from this rank)")
         stale = self.pulse.stale(seq, liveness)
         if stale:
