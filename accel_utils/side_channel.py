@@ -250,9 +250,10 @@ class Lane(Diagnoses):
             self.fail(record, liveness=liveness)
         if liveness is None:
             return
-        if self.pulse.stuck_for() > store_deadline(liveness):
+        patience = store_deadline(liveness)
+        if self.pulse.stuck_for() > patience:
             self.abandon()
-            raise SideChannelError(f"{what}: lost the job's store: no answer for {store_deadline(liveness):g}s "
+            raise SideChannelError(f"{what}: lost the job's store: no answer for {patience:g}s "
                                    "(its host is down or unreachable from this rank)")
         stale = self.pulse.stale(seq, liveness)
         if stale:
