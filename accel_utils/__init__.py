@@ -9,9 +9,25 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version string: pyproject.toml reads it from here
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these lazily
+    from accel_utils.barriers import barrier_and_log
+    from accel_utils.errors import (
+        BarrierTimeoutError,
+        FirstRankFailedError,
+        RanksNotRespondingError,
+        SideChannelError,
+    )
+    from accel_utils.eval_samples import gather_sharded_results, shard_samples
+    from accel_utils.eval_shard import dp_eval_sample_shard
+    from accel_utils.first_rank import FirstRankPerNode
+    from accel_utils.grad_sync import get_sync_ctx
+    from accel_utils.lifecycle import destroy_process_group
+    from accel_utils.loss import reduce_loss
+    from accel_utils.topology import Topology, resolve
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
@@ -21,6 +37,8 @@ _EXPORTS = {
     "BarrierTimeoutError": "accel_utils.errors",
     "FirstRankFailedError": "accel_utils.errors",
     "FirstRankPerNode": "accel_utils.first_rank",
+    "RanksNotRespondingError": "accel_utils.errors",
+    "SideChannelError": "accel_utils.errors",
     "Topology": "accel_utils.topology",
     "barrier_and_log": "accel_utils.barriers",
     "destroy_process_group": "accel_utils.lifecycle",
@@ -32,7 +50,24 @@ _EXPORTS = {
     "resolve": "accel_utils.topology",
 }
 
-__all__ = sorted([*_EXPORTS, "logger", "__version__"])
+__all__ = [
+    "BarrierTimeoutError",
+    "FirstRankFailedError",
+    "FirstRankPerNode",
+    "RanksNotRespondingError",
+    "SideChannelError",
+    "Topology",
+    "__version__",
+    "barrier_and_log",
+    "destroy_process_group",
+    "dp_eval_sample_shard",
+    "gather_sharded_results",
+    "get_sync_ctx",
+    "logger",
+    "reduce_loss",
+    "resolve",
+    "shard_samples",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 from accel_utils._pulse import POLL_S, Mark, Pulse, mark_key, read_marks
 from accel_utils.errors import (
@@ -53,7 +54,7 @@ class Diagnoses:
         """The failure record under ``key``, if there is one (None also when the store is gone)."""
         try:
             found = self.store(lambda s: s.get(key) if s.check([key]) else None, liveness)
-        except Exception:  # noqa: BLE001 - the store is gone: the caller's evidence stands
+        except Exception:
             logger.debug("could not read a failure record", exc_info=True)
             return None
         return None if found is None else json.loads(found)
@@ -64,8 +65,8 @@ class Diagnoses:
         key = self.record_key(seq)
         try:
             won = self.store(lambda s: s.compare_set(key, "", json.dumps(record)), liveness)
-            return json.loads(won)
-        except Exception:  # noqa: BLE001 - the store is gone: our own diagnosis stands
+            return dict(json.loads(won))
+        except Exception:
             logger.debug("could not publish a side-channel failure record", exc_info=True)
             return record
 
@@ -112,7 +113,7 @@ class Diagnoses:
         mark = str(Mark(seq, phase, int(time.monotonic() * 1000)))
         try:
             self.store(lambda s: s.set(mark_key(self.rank), mark), liveness)
-        except Exception:  # noqa: BLE001 - the store is gone: nobody can read it anyway
+        except Exception:
             logger.debug("could not post a mark", exc_info=True)
 
     def missing(self, seq: int, liveness: float | None) -> tuple[list[int], list[int]]:
@@ -133,10 +134,11 @@ class Diagnoses:
         keys = [f"node/{r}" for r in ranks]
         try:
             raw = self.store(lambda s: {r: s.get(k) if s.check([k]) else None
-                                        for r, k in zip(ranks, keys)}, None)
+                                        for r, k in zip(ranks, keys, strict=True)}, None)
         except Exception:  # noqa: BLE001 - the store is gone
             return {r: None for r in ranks}
-        return {r: None if v is None else tuple(map(int, v.split())) for r, v in raw.items()}
+        return {r: None if v is None else (int(v.split()[0]), int(v.split()[1]))
+                for r, v in raw.items()}
 
     def nodes_of(self, ranks: list[int]) -> dict[int, int | None]:
         return {r: None if p is None else p[0] for r, p in self.placement(ranks).items()}
@@ -171,9 +173,10 @@ def error_from(record: dict[str, Any], lane: Diagnoses) -> Exception:
         return FirstRankFailedError(record["rank"], record["node"], record["exc_type"],
                                     record["message"])
     dead, places = record["ranks"], lane.placement(record["ranks"])
+    local_ranks = {r: p[1] for r, p in places.items() if p is not None}
     if what == "FirstRankPerNode":  # the label is the order: a dead unfinished first rank
-        first = [r for r in dead if r in record["missing"] and places[r] is not None and (
-            places[r][1] == 0 if record.get("label") == "local" else r == 0)]
+        first = [r for r in dead if r in record["missing"] and r in local_ranks and (
+            local_ranks[r] == 0 if record.get("label") == "local" else r == 0)]
         if len(first) == 1:
             others = [r for r in dead if r != first[0]]
             return FirstRankFailedError(

@@ -18,8 +18,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from accel_utils.errors import SideChannelError
 
@@ -145,7 +146,7 @@ class Pulse:
                 if job is not None:
                     job()
                 self._beat()
-            except Exception:  # noqa: BLE001 - the store's host is gone; the waiter judges
+            except Exception:
                 logger.debug("side-channel heartbeat failed", exc_info=True)
             finally:
                 self._busy_since = None

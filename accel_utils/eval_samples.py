@@ -92,7 +92,8 @@ def gather_sharded_results(results: Any, shard: Shard | None, group: Any = None)
             (raised on every rank alike).
     """
     if shard is None:
-        return results
+        unchanged: list[Any] = results  # what the caller passed, as documented
+        return unchanged
     rank, size = _check_shard(shard)
     topo = resolve(group)
     part = list(results)

@@ -15,6 +15,12 @@ from typing import Any
 
 import torch
 
+from accel_utils._layout import (
+    accelerate_layout_name,
+    deepspeed_stage,
+    dtensor_layout,
+    unwrap_compiled,
+)
 from accel_utils._mesh import NON_DP_DIMS
 from accel_utils.eval_samples import Shard
 from accel_utils.topology import Topology, resolve
@@ -39,8 +45,8 @@ _KINDS = {
 _ACCEPTED = (
     "an accelerate.Accelerator, an accelerate.ParallelismConfig, an accelerate.DistributedType, "
     "one of the strings 'ddp', 'fsdp', 'fsdp2', 'hsdp', 'deepspeed_zero0'..'deepspeed_zero3', "
-    "'megatron_fsdp', 'tp', a config object named after one of them (DDPConfig, FSDP2Config, "
-    "MegatronFSDPConfig, ...), or the model itself (a torch.nn.Module)"
+    "'megatron_fsdp', 'tp', a torch DeviceMesh, a config object named after one of them "
+    "(DDPConfig, FSDP2Config, MegatronFSDPConfig, ...), or the model itself (a torch.nn.Module)"
 )
 
 
@@ -64,6 +70,9 @@ def dp_eval_sample_shard(
     * an ``Accelerator`` or the model: optional; read from its topology (state, FSDP plugin,
       DeepSpeed stage, device mesh; DDP process group or DTensor placements) and, when given,
       checked against it (this rank's index and size of the data-parallel group).
+    * a ``DeviceMesh``: optional, checked like the Accelerator's; the mesh's dimension names say
+      the layout (``dp`` / ``dp_replicate`` replicas; ``dp_shard``, ``tp`` and ``cp`` ranks
+      score the same samples in lockstep).
     * a ``ParallelismConfig``: this rank's index in the whole data-parallel group and its size
       (``dp_replicate x dp_shard``); the replicate coordinate follows Accelerate's mesh order
       (``dp_replicate`` outermost). Omitted, they come from the default group in that order.
@@ -94,9 +103,15 @@ def dp_eval_sample_shard(
         if isinstance(distributed_config, accelerate.Accelerator):
             topo = resolve(distributed_config)
             _check(topo, dp_rank, dp_size, "the Accelerator")
-            return _topology_shard(topo, _accelerator_kind(distributed_config.state))
+            kind = _named_kind(accelerate_layout_name(distributed_config.state))
+            return _topology_shard(topo, kind)
         if isinstance(distributed_config, accelerate.ParallelismConfig):
             return _from_parallelism_config(distributed_config, dp_rank, dp_size)
+    device_mesh = sys.modules.get("torch.distributed.device_mesh")
+    if device_mesh is not None and isinstance(distributed_config, device_mesh.DeviceMesh):
+        topo = resolve(distributed_config)
+        _check(topo, dp_rank, dp_size, "the device mesh")
+        return _topology_shard(topo, REPLICATED)  # its dimension names say what is sharded
     kind = _named_kind(distributed_config)
     if kind == SHARDED:
         return None
@@ -105,7 +120,7 @@ def dp_eval_sample_shard(
             "'hsdp' carries no mesh: pass dp_rank=<replicate rank> and dp_size=<number of "
             "replicas>, or pass the Accelerator, the device mesh's model or a ParallelismConfig"
         )
-    if dp_rank is None:
+    if dp_rank is None or dp_size is None:  # _validate: both or neither
         topo = resolve()
         dp_rank, dp_size = topo.dp_rank, topo.dp_size
     return (dp_rank, dp_size) if dp_size > 1 else None
@@ -159,19 +174,6 @@ def _topology_shard(topo: Topology, kind: str) -> Shard | None:
     return None
 
 
-def _accelerator_kind(state: Any) -> str:
-    kind = str(getattr(state.distributed_type, "value", state.distributed_type))
-    if kind == "DEEPSPEED":
-        return SHARDED if state.deepspeed_plugin.zero_stage == 3 else REPLICATED
-    if kind == "FSDP":
-        plugin = state.fsdp_plugin
-        if getattr(plugin, "fsdp_version", 1) == 2:
-            return SHARDED  # HSDP shows in the device mesh
-        strategy = str(getattr(plugin, "sharding_strategy", "FULL_SHARD")).upper()
-        return REPLICATED if "NO_SHARD" in strategy else HYBRID if "HYBRID" in strategy else SHARDED
-    return _named_kind(kind)
-
-
 def _from_parallelism_config(pc: Any, dp_rank: int | None, dp_size: int | None) -> Shard | None:
     replicate, shard = pc.dp_replicate_size, pc.dp_shard_size
     if dp_rank is None:
@@ -191,9 +193,7 @@ def _from_parallelism_config(pc: Any, dp_rank: int | None, dp_size: int | None) 
 
 
 def _from_model(model: torch.nn.Module, dp_rank: int | None, dp_size: int | None) -> Shard | None:
-    inner = model
-    while hasattr(inner, "_orig_mod"):  # torch.compile's OptimizedModule
-        inner = inner._orig_mod
+    inner = unwrap_compiled(model)
     if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
         topo = resolve(inner.process_group)
         _check(topo, dp_rank, dp_size, "the DDP model's process group")
@@ -204,11 +204,12 @@ def _from_model(model: torch.nn.Module, dp_rank: int | None, dp_size: int | None
         _check(topo, dp_rank, dp_size, "the FSDP model's process group")
         no_shard = inner.sharding_strategy == fsdp.ShardingStrategy.NO_SHARD
         return _topology_shard(topo, REPLICATED) if no_shard else None
-    if callable(getattr(inner, "zero_optimization_stage", None)):  # a DeepSpeed engine
+    stage = deepspeed_stage(inner)
+    if stage is not None:
         topo = resolve()
         _check(topo, dp_rank, dp_size, "the default group")
-        return None if inner.zero_optimization_stage() == 3 else _topology_shard(topo, REPLICATED)
-    layout = _dtensor_layout(inner)
+        return None if stage == 3 else _topology_shard(topo, REPLICATED)
+    layout = dtensor_layout(inner)
     if layout is None:  # plain tensors: a replica per rank of the default group
         topo = resolve()
         _check(topo, dp_rank, dp_size, "the default group (the model holds plain tensors)")
@@ -221,21 +222,3 @@ def _from_model(model: torch.nn.Module, dp_rank: int | None, dp_size: int | None
     names = tuple(mesh.mesh_dim_names or ())
     replicate_dim = next((i for i, name in enumerate(names) if "replicate" in name), 0)
     return _topology_shard(topo, SHARDED) if replicate_dim in replicated_dims else None
-
-
-def _dtensor_layout(model: torch.nn.Module) -> tuple[Any, set[int]] | None:
-    """The device mesh of the model's DTensor parameters and the dims all of them replicate."""
-    tensor_module = sys.modules.get("torch.distributed.tensor")
-    if tensor_module is None:  # no DTensor can exist before its module is imported
-        return None
-    found = [
-        (p.device_mesh, p.placements)
-        for p in model.parameters()
-        if isinstance(p, tensor_module.DTensor)
-    ]
-    if not found:
-        return None
-    mesh = found[0][0]
-    if any(other != mesh for other, _ in found):  # e.g. TP on a sub-mesh beside FSDP
-        return max((m for m, _ in found), key=lambda m: m.ndim), set()
-    return mesh, {d for d in range(mesh.ndim) if all(pl[d].is_replicate() for _, pl in found)}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from accel_utils._diagnosis import error_from
 from accel_utils.errors import describe
 from accel_utils.shared_dir import path_is_shared
 from accel_utils.side_channel import (
@@ -28,7 +29,6 @@ from accel_utils.side_channel import (
     Lane,
     as_liveness,
     as_timeout,
-    error_from,
     lane_for,
     payload_of,
 )
@@ -116,7 +116,8 @@ class FirstRankPerNode(ContextDecorator):
     def _entries(self) -> list[_Entry]:
         if not hasattr(self._threads, "entries"):
             self._threads.entries = []
-        return self._threads.entries
+        entries: list[_Entry] = self._threads.entries
+        return entries
 
     def __enter__(self, timeout: Any = None) -> bool:
         """Wait for the first ranks unless this rank is one; True on the ranks that go first.
@@ -195,7 +196,8 @@ class FirstRankPerNode(ContextDecorator):
 def _stack() -> list[_Entry]:
     if not hasattr(_active, "stack"):
         _active.stack = []
-    return _active.stack
+    stack: list[_Entry] = _active.stack
+    return stack
 
 
 def _enclosing(lane: Lane) -> _Entry | None:
@@ -230,7 +232,7 @@ def _report_failure(entry: _Entry, exc: BaseException) -> None:
             lane.run(entry.seq, "guard", entry.order, _WHAT, entry.timeout, entry.liveness,
                      payload=min(entry.topo.rank + 1, (1 << PAYLOAD_BITS) - 1), failed=True,
                      wait=False)
-    except Exception:  # noqa: BLE001 - its own exception is what this rank must raise
+    except Exception:
         logger.debug("could not report the failure to the other ranks", exc_info=True)
     finally:
         lane.pulse.deactivate()

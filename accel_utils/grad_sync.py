@@ -4,23 +4,31 @@ micro-batch, for DDP, FSDP2 (HSDP included), FSDP1 and lists of model parts."""
 from __future__ import annotations
 
 import logging
-import sys
 import weakref
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from typing import Any, Iterator, Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from accel_utils._layout import (
+    is_deepspeed_engine,
+    is_deepspeed_run,
+    is_fsdp2,
+    is_hsdp,
+    sync_gradients,
+    unwrap_compiled,
+)
 from accel_utils.topology import resolve
 
 logger = logging.getLogger(__name__)
 
-DeferMode = Union[bool, Literal["replicas"]]
+DeferMode = bool | Literal["replicas"]
 
 # Static-graph DDP models already told that they sync until their graph is recorded.
-_static_graph_logged: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_static_graph_logged: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def get_sync_ctx(
@@ -43,7 +51,14 @@ def get_sync_ctx(
       backward (torch crashes on ``no_sync`` before that, pytorch#187732); accumulating with an
       extra all-reduce is still exact.
     * FSDP2 (``torch.distributed.fsdp.FSDPModule``): sets the module's gradient-sync flags on
-      entry and restores their previous values on exit, also when the block raises.
+      entry through its public setters and restores their previous values on exit, also when
+      the block raises. When the block raises (say, an out-of-memory error caught to skip the
+      batch), the context also discards everything FSDP2 holds for the current accumulation
+      window: the failed micro-batch's gradient **and** those of the earlier micro-batches of
+      the same optimizer step that were not yet reduced (with deferred sync they exist only in
+      FSDP2's unsharded buffers, which ``zero_grad()`` cannot reach). Call
+      ``optimizer.zero_grad()`` and restart the step's micro-batches: the next step is then
+      exact. No collective runs on that path, so a rank that failed alone cannot hang there.
     * FSDP1 and any other wrapper with a callable ``no_sync``: ``no_sync()`` on non-final
       micro-batches.
     * DeepSpeed engines (and any run whose ``accelerator`` is a DeepSpeed one), plain modules
@@ -90,7 +105,7 @@ def get_sync_ctx(
     if is_optim_step is None:
         if accelerator is None:
             raise TypeError("is_optim_step=None needs accelerator= (it then means sync_gradients)")
-        is_optim_step = bool(accelerator.sync_gradients)
+        is_optim_step = sync_gradients(accelerator)
     if not isinstance(is_optim_step, bool):
         raise TypeError(f"is_optim_step must be a bool (or None); got {is_optim_step!r}")
     parts = tuple(model) if isinstance(model, (list, tuple)) else (model,)
@@ -101,8 +116,7 @@ def get_sync_ctx(
             raise TypeError(
                 f"model must be a torch.nn.Module or a list of them; got {type(part).__name__}"
             )
-    # DistributedType is a str enum: equal to its value, though str() of it is not
-    if accelerator is not None and getattr(accelerator, "distributed_type", None) == "DEEPSPEED":
+    if is_deepspeed_run(accelerator):
         return nullcontext()
     if not resolve().distributed_enabled:
         return nullcontext()
@@ -124,11 +138,10 @@ def _all_parts(
 def _part_ctx(
     part: nn.Module, is_optim_step: bool, defer: DeferMode
 ) -> AbstractContextManager[None]:
-    module = getattr(part, "_orig_mod", part)  # torch.compile's wrapper
-    if any(cls.__name__ == "DeepSpeedEngine" for cls in type(module).__mro__):
+    module = unwrap_compiled(part)
+    if is_deepspeed_engine(module):
         return nullcontext()
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # FSDP2 modules exist only once it is imported
-    if fsdp is not None and isinstance(module, fsdp.FSDPModule):
+    if is_fsdp2(module):
         return _fsdp2_ctx(module, is_optim_step, defer)
     if is_optim_step:
         return nullcontext()
@@ -166,45 +179,88 @@ def _static_graph_recorded(ddp: DistributedDataParallel) -> bool:
 
 
 @contextmanager
-def _fsdp2_ctx(module: nn.Module, is_optim_step: bool, defer: DeferMode) -> Iterator[None]:
-    saved = _fsdp2_flags(module)
+def _fsdp2_ctx(module: Any, is_optim_step: bool, defer: DeferMode) -> Iterator[None]:
+    saved = [(sub, *_fsdp2_flags(sub)) for sub in _fsdp_modules(module)]
     try:
-        if defer == "replicas" and _is_hsdp(module):
+        if defer == "replicas" and is_hsdp(module):
             module.set_requires_gradient_sync(True)
             module.set_requires_all_reduce(is_optim_step)
         else:
             module.set_requires_gradient_sync(is_optim_step or not defer)
         yield
-    finally:
-        for group, reduce_grads, all_reduce_grads in saved:
-            group.reduce_grads = reduce_grads
-            group.all_reduce_grads = all_reduce_grads
+    except BaseException:
+        _discard_iteration(module)
+        raise
+    finally:  # through the public setters, per FSDP module (recurse=False)
+        for sub, reduce_grads, all_reduce_grads in saved:
+            sub.set_requires_gradient_sync(reduce_grads, recurse=False)
+            sub.set_requires_all_reduce(all_reduce_grads, recurse=False)
 
 
-def _fsdp2_flags(module: nn.Module) -> list[tuple[Any, bool, bool]]:
-    """Every FSDP parameter group under ``module`` with its (reduce, all-reduce) flags.
+def _fsdp_modules(module: nn.Module) -> list[Any]:
+    return [sub for sub in module.modules() if is_fsdp2(sub)]
 
-    These are the attributes that FSDP2's public setters write; reading them is the only way
-    to restore what the caller had set before, rather than a guessed default.
+
+def _param_groups(sub: Any) -> list[Any]:
+    """The FSDP parameter groups of one FSDP module (private state, hence the guard).
+
+    FSDP2 has setters for its gradient-sync flags but no getters, nor a way to drop the unsharded
+    gradients it accumulates while sync is off; both need these groups.
     """
-    fsdp = sys.modules["torch.distributed.fsdp"]
-    flags = []
-    for sub in module.modules():
-        if isinstance(sub, fsdp.FSDPModule):
-            state = sub._get_fsdp_state()
-            groups = getattr(state, "_fsdp_param_groups", None)  # 2.13: a list; older: one
-            if groups is None:
-                groups = [g for g in (state._fsdp_param_group,) if g is not None]
-            for group in groups:
-                flags.append((group, group.reduce_grads, group.all_reduce_grads))
-    return flags
+    state = getattr(sub, "_get_fsdp_state", None)
+    state = state() if callable(state) else None
+    groups = getattr(state, "_fsdp_param_groups", None)  # torch 2.13: a list
+    if groups is None and state is not None and hasattr(state, "_fsdp_param_group"):
+        groups = [g for g in (state._fsdp_param_group,) if g is not None]  # older: one or None
+    if groups is None:
+        raise RuntimeError(
+            f"get_sync_ctx cannot read the gradient-sync state of FSDP2 modules on torch "
+            f"{torch.__version__} (FSDPModule._get_fsdp_state()._fsdp_param_groups is gone), so "
+            "it could neither restore the flags you had set nor discard the gradients of a "
+            "micro-batch that raised. Call model.set_requires_gradient_sync(is_optim_step) "
+            "yourself, or use a torch version accel-utils supports (2.11 to 2.13)."
+        )
+    return list(groups)
 
 
-def _is_hsdp(module: nn.Module) -> bool:
-    # FSDP2 lays HSDP parameters out as (Replicate(), Shard(0), ...) on a mesh of >= 2 dims.
-    from torch.distributed.tensor import DTensor, Replicate
+def _fsdp2_flags(sub: Any) -> tuple[bool, bool]:
+    """``sub``'s (reduce-scatter, all-reduce) flags: what its public setters last wrote."""
+    groups = _param_groups(sub)
+    if not groups:  # a module without parameters of its own: FSDP2's defaults
+        return True, True
+    return bool(groups[0].reduce_grads), bool(groups[0].all_reduce_grads)
 
-    for param in module.parameters():
-        if isinstance(param, DTensor):
-            return param.device_mesh.ndim >= 2 and isinstance(param.placements[0], Replicate)
-    return False
+
+def _discard_iteration(module: Any) -> None:
+    """After a micro-batch raised: drop what FSDP2 holds for the accumulation window.
+
+    ``reset_iter_state()`` (public, torch >= 2.13, root modules only) resets the forward /
+    backward state and HSDP's deferred partial reductions. It leaves the unsharded gradients
+    accumulated while sync was off, which ``zero_grad()`` cannot reach (they live on the
+    unsharded parameters) and the next synced backward would add to the step: clear them too.
+    No collective runs here, so a rank that failed alone cannot hang.
+    """
+    reset = getattr(module, "reset_iter_state", None)
+    if not callable(reset):
+        logger.warning(
+            "torch %s lacks FSDPModule.reset_iter_state (torch >= 2.13): after a micro-batch "
+            "that raised, FSDP2's iteration state is not reset and the next step may be wrong; "
+            "upgrade torch, or restart from a checkpoint", torch.__version__,
+        )
+    else:
+        try:
+            reset()
+        except AttributeError:  # torch 2.13 before the first forward: nothing to reset yet
+            pass
+        except RuntimeError as exc:  # not the root FSDP module: the root's state stays
+            logger.warning(
+                "FSDP2 iteration state not reset after a micro-batch raised (%s): pass "
+                "get_sync_ctx the root FSDP module (the one fully_shard was applied to last)", exc,
+            )
+    for sub in _fsdp_modules(module):
+        for group in _param_groups(sub):
+            for param in group.fsdp_params:
+                param.unsharded_accumulated_grad = None  # reduce_dtype accumulation
+                unsharded = getattr(param, "_unsharded_param", None)  # absent until first unshard
+                if unsharded is not None:
+                    unsharded.grad = None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,7 +43,8 @@ def reduce_loss(
             micro-batches.
         dp_group: what to reduce over: anything :func:`accel_utils.resolve` accepts (a
             ProcessGroup, an Accelerator or PartialState, a DeviceMesh); the reduction runs over
-            its data-parallel view (``dp_cp`` with context parallelism, never ``tp``). ``None``
+            its loss group (:attr:`Topology.loss_group`: data-parallel times context-parallel
+            ranks, never ``tp``). ``None``
             is the default group, like everywhere in accel-utils (the seed reduced nothing for
             ``None``); without an initialised process group nothing is reduced.
 
@@ -72,17 +74,17 @@ def _reduce_on_host(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # On the host, reading values is free: pack Python floats (double precision) instead of a
     # dozen small tensor ops, which measured 1.9x a bare 2-element all-reduce here.
-    count = _count(count)
+    number = _count(count)
     try:
         loss_sum = sum([loss.item() for loss in loss_store])
     except (RuntimeError, AttributeError) as exc:  # several elements, or not a tensor
         raise _bad_losses(loss_store) from exc
     packed, view = _host_buffer()
-    view[0], view[1] = loss_sum, count
+    view[0], view[1] = loss_sum, number
     _all_reduce(packed, dp_group)
-    loss_sum, total = view.tolist()
+    reduced_loss, total = view.tolist()
     return (
-        torch.full((1,), loss_sum, dtype=torch.float32),
+        torch.full((1,), reduced_loss, dtype=torch.float32),
         torch.full((1,), int(total), dtype=torch.int64),
     )
 
@@ -100,28 +102,28 @@ def _reduce_on_device(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # On an accelerator every value stays on the device: no host synchronisation.
     _check_losses(loss_store)
-    count = _count(count)
+    number = _count(count)
     with torch.no_grad():
         try:
-            losses = torch.stack(loss_store)
+            losses = torch.stack(list(loss_store))
         except (RuntimeError, TypeError) as exc:  # shapes differ, or not a tensor
             raise _bad_losses(loss_store) from exc
         if losses.numel() != len(loss_store):
             raise _bad_losses(loss_store)
         loss_sum = losses.sum(dtype=torch.float64)
-        if isinstance(count, torch.Tensor):
-            count = count.to(loss_sum.device, torch.float64).reshape(())
+        if isinstance(number, torch.Tensor):
+            denominator = number.to(loss_sum.device, torch.float64).reshape(())
         else:
-            count = loss_sum.new_tensor(float(count))
-        packed = torch.stack((loss_sum, count))
+            denominator = loss_sum.new_tensor(float(number))
+        packed = torch.stack((loss_sum, denominator))
         _all_reduce(packed, dp_group)
         return packed[:1].float(), packed[1:].long()
 
 
 def _all_reduce(packed: torch.Tensor, dp_group: Any) -> None:
     topo = resolve(dp_group)  # cached per group object: a dict look-up on the hot path
-    if topo.dp_size > 1:
-        dist.all_reduce(packed, op=_SUM, group=topo.dp_group)
+    if topo.loss_size > 1:
+        dist.all_reduce(packed, op=_SUM, group=topo.loss_group)
 
 
 def _check_losses(loss_store: Sequence[torch.Tensor]) -> None:
@@ -134,25 +136,26 @@ def _check_losses(loss_store: Sequence[torch.Tensor]) -> None:
         raise _bad_losses(loss_store)
 
 
-def _count(total_num_tokens: torch.Tensor | int) -> torch.Tensor | int | float:
+def _count(total_num_tokens: torch.Tensor | int) -> torch.Tensor | float:
     """The validated count: a number where it is on the host, else the device tensor."""
-    if isinstance(total_num_tokens, torch.Tensor):
-        if total_num_tokens.numel() != 1:
+    value: object = total_num_tokens  # callers may pass anything: checked here
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
             raise ValueError(
                 "total_num_tokens must be one token count (an int or a one-element tensor); "
-                f"got a tensor of shape {tuple(total_num_tokens.shape)}"
+                f"got a tensor of shape {tuple(value.shape)}"
             )
-        if total_num_tokens.is_cpu:
-            total_num_tokens = total_num_tokens.item()
-        elif bool(total_num_tokens < 0):  # one device sync, as a logged loss.item() costs
-            raise _bad_count(total_num_tokens)
+        if value.is_cpu:
+            value = value.item()
+        elif bool(value < 0):  # one device sync, as a logged loss.item() costs
+            raise _bad_count(value)
         else:
-            return total_num_tokens
-    if isinstance(total_num_tokens, bool) or not isinstance(total_num_tokens, (int, float)):
-        raise _bad_count(total_num_tokens)
-    if total_num_tokens < 0:
-        raise _bad_count(total_num_tokens)
-    return total_num_tokens
+            return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad_count(value)
+    if value < 0:
+        raise _bad_count(value)
+    return value
 
 
 def _bad_losses(loss_store: Sequence[Any]) -> Exception:

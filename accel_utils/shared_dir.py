@@ -12,8 +12,7 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-from accel_utils.side_channel import (DEFAULT_LIVENESS, as_liveness, as_timeout, lane_for,
-                                      payload_of)
+from accel_utils.side_channel import DEFAULT_LIVENESS, as_liveness, as_timeout, lane_for, payload_of
 from accel_utils.topology import resolve
 
 logger = logging.getLogger(__name__)

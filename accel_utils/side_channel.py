@@ -26,13 +26,15 @@ import queue
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from numbers import Real
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import PrefixStore
 
 from accel_utils._cache import IdentityCache
 from accel_utils._diagnosis import Diagnoses, error_from
@@ -52,12 +54,12 @@ PAYLOAD_BITS = 30
 
 def as_timeout(value: Any, name: str = "timeout") -> timedelta:
     """A positive ``timedelta`` (at most 30 days) from a ``timedelta`` or seconds."""
+    if isinstance(value, bool) or not isinstance(value, (timedelta, Real)):
+        raise TypeError(f"{name} must be a datetime.timedelta or seconds; got {value!r}")
     if isinstance(value, timedelta):
         limit = value
-    elif isinstance(value, Real) and not isinstance(value, bool):
-        limit = timedelta(seconds=min(float(value), MAX_TIMEOUT.total_seconds()))
     else:
-        raise TypeError(f"{name} must be a datetime.timedelta or seconds; got {value!r}")
+        limit = timedelta(seconds=min(float(value), MAX_TIMEOUT.total_seconds()))
     if limit.total_seconds() <= 0:
         raise ValueError(f"{name} must be positive; got {limit}")
     if limit > MAX_TIMEOUT:
@@ -170,7 +172,7 @@ class Lane(Diagnoses):
             set_timeout(self.group, limit)
             self.timeout = limit
         opts = dist.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.BOR
+        opts.reduceOp = dist.ReduceOp.BOR  # type: ignore[assignment]  # stubs: RedOpType
         tensor = torch.tensor([word], dtype=torch.int64)
         self.work = self.group.allreduce([tensor], opts)
         return tensor
@@ -189,7 +191,7 @@ class Lane(Diagnoses):
 
         def build() -> None:  # on its own connection: a rendezvous blocks its store client
             try:
-                store = dist.PrefixStore(f"g{seq}", base.clone() if hasattr(base, "clone")
+                store = PrefixStore(f"g{seq}", base.clone() if hasattr(base, "clone")
                                          else base)
                 box["group"] = dist.ProcessGroupGloo(store, rank, size, limit)
             except Exception as exc:  # noqa: BLE001 - reported by the watching thread
@@ -283,7 +285,7 @@ def _finished(work: Any) -> Callable[[timedelta], bool]:
 
 def set_timeout(group: Any, timeout: timedelta) -> None:
     """Change a gloo group's timeout (public from torch 2.13, private before)."""
-    setter = getattr(group, "set_timeout", None) or getattr(group, "_set_default_timeout")
+    setter = getattr(group, "set_timeout", None) or group._set_default_timeout
     setter(timeout)
 
 
@@ -311,14 +313,14 @@ def lane_for(parent: dist.ProcessGroup) -> Lane:
     """
     thread = threading.current_thread()
     tag = "" if thread is threading.main_thread() else thread.name
-    lanes = _lanes.get(parent)
+    lanes: dict[str, Lane] | None = _lanes.get(parent)
     if lanes is None:
         lanes = {}
         _lanes.put(parent, lanes)
-    lane = lanes.get(tag)
+    lane: Lane | None = lanes.get(tag)
     if lane is None:
         name = parent.group_name + (f"/thread:{tag}" if tag else "")
-        base = dist.PrefixStore(f"accel_utils/side/{name}", parent.get_group_store())
+        base = PrefixStore(f"accel_utils/side/{name}", parent.get_group_store())
         rank, size = dist.get_rank(parent), dist.get_world_size(parent)
         pulse = Pulse(base.clone() if hasattr(base, "clone") else base, rank, size, name)
         lane = lanes[tag] = Lane(name, rank, size,

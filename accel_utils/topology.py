@@ -1,8 +1,10 @@
 """Where the parallel layout lives: one frozen dataclass and the resolver that builds it.
 
 Every feature of accel-utils asks :func:`resolve` for a :class:`Topology` instead of deriving
-ranks, nodes or groups itself. This module is the only reader of launcher environment variables
-and of Accelerate / DeviceMesh internals.
+ranks, nodes or groups itself. This module and its two siblings are the only readers of
+launcher environment variables and of Accelerate / DeviceMesh / model-layout internals:
+:mod:`accel_utils._mesh` (a mesh's groups by dimension name) and :mod:`accel_utils._layout`
+(what a model's wrappers and DTensor placements, or an Accelerate state, say).
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from accel_utils import _mesh
 from accel_utils._cache import IdentityCache
-from accel_utils._mesh import NON_DP_DIMS, mesh_groups
+from accel_utils._mesh import mesh_groups
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +59,17 @@ class NodeLayout:
 class Topology:
     """The parallel layout seen by one process, for one group.
 
-    Ranks are relative to ``group``. The data-parallel view (``dp_*``) is the group over which
-    losses are averaged (Accelerate's ``dp_cp``, never ``tp``); ``replicate_*`` / ``shard_*``
-    split it into full model replicas and the shards inside one replica (HSDP). Without a mesh
-    every data-parallel rank is presumed to hold a full replica.
+    Ranks are relative to ``group``. Two data-parallel views:
+
+    * ``loss_*``: the group losses and token counts are summed over: data-parallel ranks times
+      context-parallel ranks (Accelerate's ``dp_cp``; never ``tp``), since under context
+      parallelism every cp rank holds a part of each sequence.
+    * ``dp_*``: the data-parallel ranks alone, which see different samples (eval samples are
+      sharded over them, never across cp ranks that run one sequence together).
+
+    ``replicate_*`` / ``shard_*`` split the data-parallel ranks into full model replicas and the
+    shards inside one replica (HSDP). Without a mesh every data-parallel rank is presumed to
+    hold a full replica, and the loss group is the data-parallel group.
     """
 
     rank: int = 0
@@ -69,39 +79,30 @@ class Topology:
     dp_rank: int = 0
     dp_size: int = 1
     dp_group: dist.ProcessGroup | None = None
+    loss_rank: int = 0
+    loss_size: int = 1
+    loss_group: dist.ProcessGroup | None = None
     replicate_rank: int = 0
     replicate_size: int = 1
     shard_rank: int = 0
     shard_size: int = 1
     tp_size: int = 1
+    cp_size: int = 1
     mesh: Any = None
 
     @property
     def distributed_enabled(self) -> bool:
+        """More than one process in ``group``."""
         return self.world_size > 1
 
     @property
-    def dp_enabled(self) -> bool:
-        return self.dp_size > 1
-
-    @property
-    def replicate_enabled(self) -> bool:
-        return self.replicate_size > 1
-
-    @property
-    def shard_enabled(self) -> bool:
-        return self.shard_size > 1
-
-    @property
-    def tp_enabled(self) -> bool:
-        return self.tp_size > 1
-
-    @property
     def is_main(self) -> bool:
+        """Rank 0 of ``group``."""
         return self.rank == 0
 
     @property
     def backend(self) -> str | None:
+        """The backend of ``group`` (None without one)."""
         return None if self.group is None else str(dist.get_backend(self.group))
 
     @property
@@ -137,6 +138,7 @@ def _fresh_caches() -> None:
         _world_seen[0] = world
         _topologies.clear()
         _layouts.clear()
+        _mesh.clear()
 
 
 def resolve(handle: Any = None) -> Topology:
@@ -159,7 +161,7 @@ def resolve(handle: Any = None) -> Topology:
     key_obj = handle if handle is not None else dist.group.WORLD
     state = _accelerate_state(handle)
     mesh_key = getattr(state, "device_mesh", None) if state is not None else None
-    hit = _topologies.get(key_obj)
+    hit: Topology | None = _topologies.get(key_obj)
     if hit is not None and (state is None or hit.mesh is mesh_key):
         return hit
     topo = _resolve_uncached(handle, state)
@@ -185,7 +187,7 @@ def _resolve_uncached(handle: Any, state: Any) -> Topology:
     if state is not None:
         return _from_accelerate(state)
     if handle is None:
-        return _from_group(dist.group.WORLD)
+        return _from_group(_world_group())
     if handle is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group() returns to non-members
         raise ValueError(
             f"this process (global rank {dist.get_rank()}) is not a member of the given group; "
@@ -201,6 +203,13 @@ def _resolve_uncached(handle: Any, state: Any) -> Topology:
         "expected None, an accelerate.Accelerator, an accelerate.PartialState, a "
         f"torch.distributed.ProcessGroup or a DeviceMesh; got {type(handle).__name__}"
     )
+
+
+def _world_group() -> dist.ProcessGroup:
+    world = dist.group.WORLD
+    if world is None:  # callers checked dist.is_initialized()
+        raise RuntimeError("torch.distributed has no default process group")
+    return world
 
 
 def _group_device(group: dist.ProcessGroup) -> torch.device:
@@ -225,6 +234,9 @@ def _from_group(group: dist.ProcessGroup, device: torch.device | None = None) ->
         dp_rank=rank,
         dp_size=size,
         dp_group=group,
+        loss_rank=rank,
+        loss_size=size,
+        loss_group=group,
         replicate_rank=rank,
         replicate_size=size,
     )
@@ -232,30 +244,27 @@ def _from_group(group: dist.ProcessGroup, device: torch.device | None = None) ->
 
 def _from_mesh(mesh: Any, device: torch.device | None = None) -> Topology:
     device = device if device is not None else torch.device(mesh.device_type)
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+    if device == torch.device("cuda") and torch.cuda.is_available():  # no index: the current one
         device = torch.device("cuda", torch.cuda.current_device())
-    if mesh.ndim == 1:
-        topo = replace(_from_group(mesh.get_group(), device), mesh=mesh)
-        name = (mesh.mesh_dim_names or ("",))[0]
-        if name in NON_DP_DIMS:  # a tp / cp / pp mesh alone: every rank sees the same data
-            tp_size = topo.world_size if name == "tp" else 1
-            return replace(topo, dp_rank=0, dp_size=1, dp_group=None, replicate_rank=0,
-                           replicate_size=1, tp_size=tp_size)
-        return topo
     groups = mesh_groups(mesh)
     return Topology(
         rank=dist.get_rank(groups.whole),
         world_size=dist.get_world_size(groups.whole),
         group=groups.whole,
         device=device,
-        dp_rank=dist.get_rank(groups.loss),
-        dp_size=dist.get_world_size(groups.loss),
-        dp_group=groups.loss,
-        replicate_rank=_rank_in(groups.replicate),
-        replicate_size=_size_of(groups.replicate),
+        dp_rank=_rank_in(groups.data),
+        dp_size=_size_of(groups.data),
+        dp_group=groups.data,
+        loss_rank=_rank_in(groups.loss),
+        loss_size=_size_of(groups.loss),
+        loss_group=groups.loss,
+        # without replicate / shard dims, every data-parallel rank holds a replica
+        replicate_rank=_rank_in(groups.replicate if groups.shard else groups.data),
+        replicate_size=_size_of(groups.replicate if groups.shard else groups.data),
         shard_rank=_rank_in(groups.shard),
         shard_size=_size_of(groups.shard),
         tp_size=_size_of(groups.tp),
+        cp_size=_size_of(groups.cp),
         mesh=mesh,
     )
 
@@ -279,14 +288,14 @@ def _from_accelerate(state: Any) -> Topology:
             claimed,
             world,
         )
-        return _from_group(dist.group.WORLD)
+        return _from_group(_world_group())
     device = getattr(state, "device", None)
     if device is not None and device.type == "cpu":
         device = torch.device("cpu")  # Accelerate says "cpu:0"; CPU tensors have no index
     mesh = getattr(state, "device_mesh", None)
     if mesh is not None:
         return _from_mesh(mesh, device)
-    return _from_group(dist.group.WORLD, device)
+    return _from_group(_world_group(), device)
 
 
 def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
@@ -294,7 +303,7 @@ def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
     if group is None or not dist.is_initialized():
         return NodeLayout()
     _fresh_caches()
-    hit = _layouts.get(group)
+    hit: NodeLayout | None = _layouts.get(group)
     if hit is not None:
         return hit
     layout = _layout_from_env(group) or _layout_from_gather(group)

@@ -69,7 +69,8 @@ def evaluate(model: torch.nn.Module, samples: list[dict], new_tokens: int) -> li
 
 def accuracy(samples: list[dict], outputs: list[list[int]]) -> float:
     """Mean token accuracy of the continuations against the expected answers."""
-    hits = sum(a == b for s, out in zip(samples, outputs) for a, b in zip(out, s["answer"]))
+    hits = sum(a == b for s, out in zip(samples, outputs, strict=True)
+               for a, b in zip(out, s["answer"], strict=False))  # outputs may be short
     return hits / sum(len(s["answer"]) for s in samples)
 
 

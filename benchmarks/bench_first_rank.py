@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from bench_timing import Variant
 
 INNER = 20  # calls per timed block: short blocks, many rotations, noise hits all alike

@@ -7,16 +7,16 @@ every step; DDP gets one bucket as large as the model so that one all-reduce is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from bench_timing import Variant
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-from bench_timing import Variant
 
 
 def make_model(width: int, layers: int, device: torch.device) -> nn.Module:

@@ -24,7 +24,8 @@ def _row(record: dict, key: str) -> dict | None:
 def _ratio(row: dict, ref: dict) -> float:
     """``row``'s time over ``ref``'s: median of per-repetition ratios where samples are paired."""
     if row["paired"] and ref["paired"]:
-        return statistics.median(a / b for a, b in zip(row["samples_s"], ref["samples_s"]))
+        pairs = zip(row["samples_s"], ref["samples_s"], strict=True)
+        return statistics.median(a / b for a, b in pairs)
     return row["median_s"] / ref["median_s"]
 
 
@@ -133,7 +134,7 @@ def chart(results: dict, path: str) -> None:
 
     kinds = [k for k in TITLES if any(r["benchmark"] == k for r in results["records"])]
     fig, axes = plt.subplots(len(kinds), 1, figsize=(9, 1.2 + 1.9 * len(kinds)), squeeze=False)
-    for ax, kind in zip(axes[:, 0], kinds):
+    for ax, kind in zip(axes[:, 0], kinds, strict=True):
         recs = [r for r in results["records"] if r["benchmark"] == kind]
         labels = list(dict.fromkeys(row["label"] for r in recs for row in r["rows"]))
         height = 0.8 / len(recs)
@@ -143,7 +144,7 @@ def chart(results: dict, path: str) -> None:
             ys = [i + j * height for i, label in enumerate(labels) if label in ratios]
             values = [ratios[label] for label in labels if label in ratios]
             ax.barh(ys, values, height=height, label=f"{rec['world_size']} proc, {rec['backend']}")
-            for y, value in zip(ys, values):
+            for y, value in zip(ys, values, strict=True):
                 ax.text(value, y, f" {value:.2f}x", va="center", fontsize=6)
         ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=7)
         ax.invert_yaxis()

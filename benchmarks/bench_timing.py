@@ -12,8 +12,9 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -87,7 +88,7 @@ def _slowest_rank(samples: dict[str, list[float]], group: dist.ProcessGroup | No
     keys = sorted(samples)
     mine = torch.tensor([samples[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)  # on the gloo group: CPU tensor
-    return {k: row.tolist() for k, row in zip(keys, mine)}
+    return {k: row.tolist() for k, row in zip(keys, mine, strict=True)}
 
 
 def summarize(times: list[float]) -> dict[str, float]:

@@ -11,12 +11,11 @@ import sys
 import time
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 import bench_first_rank
 import bench_grad_accum
 import bench_loss
+import torch
+import torch.distributed as dist
 from bench_timing import rows, time_variants
 
 import accel_utils

@@ -25,10 +25,9 @@ import sys
 import tempfile
 import time
 
-import torch
-
 import bench_import
 import bench_report
+import torch
 from bench_timing import Variant, rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,7 +89,9 @@ def _launch(script: str, nproc: int | None, cfg: dict, tmp: str, timeout: float)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers share the session
         output, _ = proc.communicate()
-        raise RuntimeError(f"{shlex.join(cmd)} timed out after {timeout}s\n{output[-4000:]}")
+        raise RuntimeError(
+            f"{shlex.join(cmd)} timed out after {timeout}s\n{output[-4000:]}"
+        ) from None
     if proc.returncode != 0 or not os.path.exists(cfg["out"]):
         raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode})\n{output[-4000:]}")
     for line in output.splitlines():

@@ -33,7 +33,10 @@ import torch.distributed as dist
 import accel_utils
 from accel_utils import FirstRankPerNode, resolve
 
-WORDS = "the a cat dog sat ran on under mat log quick slow brown red jumps sleeps over".split()
+WORDS = [
+    "the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "quick", "slow", "brown",
+    "red", "jumps", "sleeps", "over",
+]
 
 
 def generate_texts(rows: int) -> list[str]:

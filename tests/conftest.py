@@ -14,7 +14,8 @@ _LOCK_PATH = os.environ.get("ACCEL_UTILS_TEST_LOCK", "/tmp/accel_utils_tests.loc
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    session.config._accel_utils_lock = open(_LOCK_PATH, "w")  # type: ignore[attr-defined]
+    # held open (and locked) for the whole session, hence no with-block
+    session.config._accel_utils_lock = open(_LOCK_PATH, "w")  # type: ignore[attr-defined]  # noqa: SIM115
     fcntl.flock(session.config._accel_utils_lock, fcntl.LOCK_EX)  # type: ignore[attr-defined]
 
 

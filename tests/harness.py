@@ -14,7 +14,9 @@ Both enforce a hard timeout: a hang kills the processes and fails the test with 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import multiprocessing as mp
 import os
 import signal
 import socket
@@ -23,10 +25,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
-
-import multiprocessing as mp
+from typing import Any
 
 _CTX = mp.get_context("spawn")
 DEFAULT_TIMEOUT = 60.0
@@ -52,7 +53,7 @@ class RankFailure:
     attrs: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_exception(cls, rank: int, exc: BaseException) -> "RankFailure":
+    def from_exception(cls, rank: int, exc: BaseException) -> RankFailure:
         attrs = {}
         for key, value in vars(exc).items():
             if isinstance(value, (int, float, str, list, tuple, type(None))):
@@ -89,10 +90,9 @@ def _teardown(ok: bool) -> None:
 
     if dist.is_initialized():
         if ok:
-            try:  # ranks leave together: a destroyed peer would fail a slower rank's collective
+            # ranks leave together: a destroyed peer would fail a slower rank's collective
+            with contextlib.suppress(Exception):
                 dist.barrier()
-            except Exception:
-                pass
         dist.destroy_process_group()
     accelerate_state = sys.modules.get("accelerate.state")
     if accelerate_state is not None:
@@ -135,7 +135,7 @@ def _worker_main(rank: int, world_size: int, tasks: Any, results: Any, log_path:
         _teardown(ok)
         try:
             results.put((rank, outcome))
-        except Exception as exc:  # an unpicklable result is the test's bug: say so
+        except Exception as exc:  # noqa: BLE001 - an unpicklable result is the test's bug: say so
             results.put((rank, RankFailure.from_exception(rank, exc)))
 
 
@@ -200,7 +200,7 @@ class WorkerPool:
                 rank, outcome = self.results.get(timeout=0.2)
                 outcomes[rank] = outcome
                 continue
-            except Exception:
+            except Exception:  # noqa: BLE001 - queue.Empty, or a dead worker: checked below
                 pass
             for rank, proc in enumerate(self.procs):
                 if rank not in outcomes and not proc.is_alive():
@@ -335,10 +335,8 @@ def run_commands(
         except subprocess.TimeoutExpired:
             timed_out = True
             for p in procs:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             out, err = proc.communicate()
         runs.append(NodeRun(i, proc.returncode, out, err))
     if timed_out:

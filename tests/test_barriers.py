@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from accel_utils import FirstRankPerNode, barrier_and_log
-from accel_utils import side_channel
+from accel_utils import FirstRankPerNode, barrier_and_log, side_channel
 from accel_utils.barriers import _barrier_with_timeout, _create_gloo_group
 from tests.harness import run_distributed
 
@@ -27,7 +26,7 @@ class _Keep(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append((record.levelname, record.getMessage()))
 
-    def __enter__(self) -> "_Keep":
+    def __enter__(self) -> _Keep:
         self.logger.addHandler(self)
         self.logger.setLevel(logging.DEBUG)
         return self

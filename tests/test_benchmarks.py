@@ -12,7 +12,7 @@ import pytest
 from tests.harness import REPO_ROOT, launch_env
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
-import bench_report  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import bench_report
 
 
 @pytest.mark.timeout(150)

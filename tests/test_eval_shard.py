@@ -49,7 +49,8 @@ def _score(model, samples, synced_gpus: bool) -> list[tuple[int, list[int]]]:
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
                 synced_gpus=synced_gpus, pad_token_id=0,
             )
-        results += [(sid, _until_eos(row[PROMPT:].tolist())) for (sid, _), row in zip(batch, out)]
+        results += [(sid, _until_eos(row[PROMPT:].tolist()))
+                    for (sid, _), row in zip(batch, out, strict=True)]
     return results
 
 
@@ -404,7 +405,7 @@ def test_shard_samples_kinds() -> None:
     ds = datasets.Dataset.from_dict({"x": data})
     assert [shard_samples(ds, (r, 4))["x"] for r in range(4)] == parts
     assert shard_samples([1], (2, 3)) == []  # a rank may get nothing
-    with pytest.raises(TypeError, match="list, tuple or datasets.Dataset"):
+    with pytest.raises(TypeError, match=r"list, tuple or datasets\.Dataset"):
         shard_samples(iter(data), (0, 2))
     with pytest.raises(TypeError, match="rank, size"):
         shard_samples(data, [0, 2])

@@ -9,6 +9,7 @@ so that no process is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -19,8 +20,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from accel_utils import BarrierTimeoutError, FirstRankFailedError, FirstRankPerNode
-from accel_utils import barrier_and_log
+from accel_utils import BarrierTimeoutError, FirstRankFailedError, FirstRankPerNode, barrier_and_log
 from accel_utils.barriers import _barrier_with_timeout
 from accel_utils.errors import RanksNotRespondingError, SideChannelError
 from tests.harness import RankFailure, run_distributed
@@ -69,10 +69,8 @@ def _guard_fault(first_fault: str, waiting_fault: str, timeout_s: float,
                 time.sleep(3)  # every survivor has its diagnosis before the frozen rank resumes
             for pid in pids:  # resume what the test froze; the frozen rank then reports too
                 if pid != os.getpid():
-                    try:
+                    with contextlib.suppress(ProcessLookupError):  # the rank the test killed
                         os.kill(pid, signal.SIGCONT)
-                    except ProcessLookupError:  # the rank the test killed
-                        pass
     return out
 
 
@@ -293,7 +291,8 @@ def _unprintable() -> dict:
 def test_an_exception_whose_str_raises_still_gives_a_clear_report() -> None:
     out = run_distributed(_unprintable, 2, timeout=30)
     assert out[0] == {"own": True}
-    assert out[1]["exc_type"] == "_Unprintable" and "str() of this _Unprintable" in out[1]["message"]
+    assert out[1]["exc_type"] == "_Unprintable"
+    assert "str() of this _Unprintable" in out[1]["message"]
 
 
 @pytest.mark.parametrize("error", [

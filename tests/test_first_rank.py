@@ -67,9 +67,9 @@ def test_decorator_returns_values_and_nests() -> None:
 
 
 def _conflicting_nesting() -> str:
-    with FirstRankPerNode(local=True):
-        with FirstRankPerNode(local=False):  # would wait on ranks held by the outer guard
-            pass
+    # the inner guard would wait on ranks held by the outer one
+    with FirstRankPerNode(local=True), FirstRankPerNode(local=False):
+        pass
     return "no error"
 
 
@@ -240,8 +240,8 @@ def _example(order: str, cache_dir: str, nnodes: int) -> tuple[dict, list[str], 
     output = "".join(run.output for run in runs)
     assert all(run.returncode == 0 for run in runs), output[-4000:]
     lines = output.splitlines()
-    calls = json.loads(next(l for l in lines if l.startswith("MAP_CALLS ")).split(" ", 1)[1])
-    ranks = [l for l in lines if l.startswith("PREPROCESS ")]
+    calls = json.loads(next(x for x in lines if x.startswith("MAP_CALLS ")).split(" ", 1)[1])
+    ranks = [x for x in lines if x.startswith("PREPROCESS ")]
     assert len(ranks) == 2 * nnodes and "SAME_DATASET True" in lines
     return calls, ranks, output
 

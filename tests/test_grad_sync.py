@@ -78,8 +78,8 @@ def _train(model: nn.Module, inner: nn.Module, loss_group, steps: int, sync_ctx)
         # the reference: one process, the union of every rank's micro-batches
         ref_opt.zero_grad()
         batches = [_batch(r, step, k) for r in range(world) for k in range(K)]
-        total = sum(_loss_sum(ref, i, l) for i, l in batches)
-        ref_tokens = sum(int((l != -100).sum()) for _, l in batches)
+        total = sum(_loss_sum(ref, ids, lab) for ids, lab in batches)
+        ref_tokens = sum(int((lab != -100).sum()) for _, lab in batches)
         (total / ref_tokens).backward()
         ref_grads = dict(ref.named_parameters())
         err = 0.0
@@ -285,7 +285,8 @@ def _count_collectives():
     return counts, restore
 
 
-def _fsdp_run(mesh_shape: tuple[int, ...], defer) -> dict:
+def fsdp_model(mesh_shape: tuple[int, ...]) -> tuple[TinyLM, object]:
+    """The tiny model under FSDP2 (1-D mesh) or HSDP (2-D), and its mesh."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -295,6 +296,11 @@ def _fsdp_run(mesh_shape: tuple[int, ...], defer) -> dict:
     for unit in (model.embed, model.mid, model.head):
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)  # the root holds no parameters of its own: 3 units
+    return model, mesh
+
+
+def _fsdp_run(mesh_shape: tuple[int, ...], defer) -> dict:
+    model, mesh = fsdp_model(mesh_shape)
     counts, restore = _count_collectives()
     try:  # reduce_loss over the mesh: the loss is averaged over every data-parallel rank
         out = _train(model, model, mesh, 2, lambda last: get_sync_ctx(model, last, defer))
@@ -332,7 +338,10 @@ def _fsdp_restore_on_error() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from accel_utils.grad_sync import _fsdp2_flags
+    from accel_utils.grad_sync import _fsdp2_flags, _fsdp_modules
+
+    def flags(root: nn.Module) -> list[list[bool]]:
+        return [list(_fsdp2_flags(sub)) for sub in _fsdp_modules(root)]
 
     mesh = init_device_mesh("cpu", (2,))
     first, second = _model(), _model()
@@ -340,15 +349,15 @@ def _fsdp_restore_on_error() -> dict:
         fully_shard(root.mid, mesh=mesh)
         fully_shard(root, mesh=mesh)
     second.set_requires_all_reduce(False)  # a prior state the caller chose: must come back
-    before = [[list(f[1:]) for f in _fsdp2_flags(m)] for m in (first, second)]
+    before = [flags(m) for m in (first, second)]
     inside = None
     try:
         with get_sync_ctx([first, second], False, True):
-            inside = [[list(f[1:]) for f in _fsdp2_flags(m)] for m in (first, second)]
+            inside = [flags(m) for m in (first, second)]
             raise RuntimeError("a micro-batch failed")
     except RuntimeError:
         pass
-    after = [[list(f[1:]) for f in _fsdp2_flags(m)] for m in (first, second)]
+    after = [flags(m) for m in (first, second)]
     return {"before": before, "inside": inside, "after": after}
 
 

@@ -92,7 +92,7 @@ def test_equals_one_process_over_all_micro_batches_in_one_collective(world_size:
     out = run_distributed(_reduce_everywhere, world_size, "group", env=BARE_LAUNCHER)
     loss, tokens = _expected(world_size, True)
     _, batches = _expected(world_size, False)
-    for rank, o in enumerate(out):
+    for o in out:
         # the first call, without launcher variables, is exactly one collective: no host gather
         assert o["first_calls"] == ["all_reduce"]
         assert o["calls_total"] == 5  # one per call

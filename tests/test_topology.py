@@ -118,7 +118,8 @@ def _bare_launcher() -> dict:
 
 
 def test_node_identity_gathered_once_without_launcher_variables() -> None:
-    bare = {"LOCAL_RANK": None, "LOCAL_WORLD_SIZE": None, "GROUP_RANK": None, "GROUP_WORLD_SIZE": None}
+    bare = {"LOCAL_RANK": None, "LOCAL_WORLD_SIZE": None, "GROUP_RANK": None,
+            "GROUP_WORLD_SIZE": None}
     out = run_distributed(_bare_launcher, 2, env=bare)
     # one host: both ranks on node 0, told apart by their position
     assert [o["summary"]["node"] for o in out] == [(0, 1, 0, 2), (0, 1, 1, 2)]
@@ -211,7 +212,8 @@ def _rows(runs) -> list[dict]:
     rows = []
     for run in runs:
         assert run.returncode == 0, run.output[-4000:]
-        rows += [json.loads(l.split(" ", 1)[1]) for l in run.stdout.splitlines() if l.startswith("TOPOLOGY ")]
+        rows += [json.loads(line.split(" ", 1)[1]) for line in run.stdout.splitlines()
+                 if line.startswith("TOPOLOGY ")]
     return sorted(rows, key=lambda r: r["rank"])
 
 
@@ -224,7 +226,8 @@ def test_two_simulated_nodes_under_torchrun() -> None:
 
 
 def test_accelerator_under_torchrun() -> None:
-    rows = _rows(run_torchrun(["tests/scripts/report_topology.py", "accelerator"], nproc_per_node=2))
+    script = ["tests/scripts/report_topology.py", "accelerator"]
+    rows = _rows(run_torchrun(script, nproc_per_node=2))
     assert [(r["rank"], r["world_size"], r["local_rank"], r["device"]) for r in rows] == [
         (0, 2, 0, "cpu"), (1, 2, 1, "cpu")
     ]
@@ -247,3 +250,10 @@ def test_every_public_name_resolves() -> None:
 
     for name in accel_utils.__all__:
         assert getattr(accel_utils, name) is not None
+
+
+def test_all_lists_every_export() -> None:
+    import accel_utils
+
+    # __all__ is a literal list for type checkers; it must stay in step with the lazy table
+    assert sorted(accel_utils.__all__) == sorted([*accel_utils._EXPORTS, "logger", "__version__"])

@@ -16,7 +16,7 @@ def _summary(runs, cache_dir) -> dict[str, float]:
     (run,) = runs
     assert run.returncode == 0, run.output[-6000:]
     assert "terminate called" not in run.output
-    lines = [l for l in run.stdout.splitlines() if l.startswith("SUMMARY ")]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("SUMMARY ")]
     assert len(lines) == 1, run.output[-6000:]  # the main process only
     fields = dict(re.findall(r"(\w+)=([\d.]+)", lines[0]))
     assert int(fields["steps"]) == 12 and int(fields["tokens"]) > 0

@@ -120,9 +120,9 @@ def _metrics(runs) -> dict:
     for run in runs:
         assert run.returncode == 0, run.output[-4000:]
         assert "terminate called" not in run.output
-    lines = [l for run in runs for l in run.stdout.splitlines()]
-    [metrics] = [json.loads(l.split(" ", 1)[1]) for l in lines if l.startswith("METRICS ")]
-    return metrics | {"data": sorted(l for l in lines if l.startswith("DATA "))}
+    lines = [line for run in runs for line in run.stdout.splitlines()]
+    [metrics] = [json.loads(ln.split(" ", 1)[1]) for ln in lines if ln.startswith("METRICS ")]
+    return metrics | {"data": sorted(ln for ln in lines if ln.startswith("DATA "))}
 
 
 @pytest.mark.timeout(240)

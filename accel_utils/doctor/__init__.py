@@ -23,23 +23,24 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from accel_utils import topology
 from accel_utils.barriers import _barrier_with_timeout, _create_gloo_group
-from accel_utils.doctor.report import TRIES, Report, checks, render
+from accel_utils.doctor.report import TRIES, Report, Row, checks, render
 from accel_utils.doctor.watch import Watch, first_line
-from accel_utils.shared_dir import path_is_shared
 from accel_utils.lifecycle import destroy_process_group
+from accel_utils.shared_dir import path_is_shared
 
 # ----------------------------------------------------------------------------- this rank's facts
 
 
-def _path_facts(path: str | None) -> dict | None:
+def _path_facts(path: str | None) -> Row | None:
     if path is None:
         return None
     if not os.path.isdir(path):
@@ -53,7 +54,7 @@ def _path_facts(path: str | None) -> dict | None:
     return {"writable": error is None, "free_bytes": shutil.disk_usage(path).free, "error": error}
 
 
-def _accelerate_facts(mode: str) -> dict:
+def _accelerate_facts(mode: str) -> Row:
     if mode == "off":
         return {"skip": "--accelerate off"}
     try:
@@ -64,7 +65,7 @@ def _accelerate_facts(mode: str) -> dict:
     call = f"PartialState(cpu={cpu})"
     try:
         state = PartialState(cpu=cpu)
-    except Exception as exc:  # noqa: BLE001 - a state that cannot be built is the finding
+    except Exception as exc:  # noqa: BLE001 - the doctor reports what Accelerate raised
         return {"call": call, "error": f"{type(exc).__name__}: {exc}"}
     return {
         "call": call,
@@ -83,7 +84,7 @@ def _gpu(device: torch.device) -> str | None:
     return f"{props.name} {props.uuid}"
 
 
-def _row(topo: topology.Topology, args: argparse.Namespace) -> dict:
+def _row(topo: topology.Topology, args: argparse.Namespace) -> Row:
     nodes = topo.nodes
     return {
         "rank": topo.rank,
@@ -128,7 +129,7 @@ def _all_gather(side: Any, obj: Any, size: int, timeout: timedelta) -> list[Any]
     padded[: data.numel()] = data
     out = [torch.zeros_like(padded) for _ in range(size)]
     side.allgather(out, padded, timeout=timeout).wait()
-    return [json.loads(bytes(o[: int(n)].tolist())) for o, n in zip(out, lengths)]
+    return [json.loads(bytes(o[: int(n)].tolist())) for o, n in zip(out, lengths, strict=True)]
 
 
 def _time_side_channel(side: Any, timeout: timedelta) -> dict[str, float]:
@@ -147,7 +148,7 @@ def _time_side_channel(side: Any, timeout: timedelta) -> dict[str, float]:
     return {op: statistics.median(ms) for op, ms in samples.items()}
 
 
-def _collect(report: Report, row: dict, topo: topology.Topology, args: argparse.Namespace,
+def _collect(report: Report, row: Row, topo: topology.Topology, args: argparse.Namespace,
              timeout: timedelta, watch: Watch) -> None:
     watch.enter("creating the gloo side group")
     side = _create_gloo_group()
@@ -161,9 +162,9 @@ def _collect(report: Report, row: dict, topo: topology.Topology, args: argparse.
         watch.enter("testing whether --path is shared between nodes")
         shared = path_is_shared(args.path, timeout=timeout)
     watch.enter("timing the side channel")
-    timings = _time_side_channel(side, timeout)
+    mine = _time_side_channel(side, timeout)
     watch.enter("gathering the timings")
-    timings = _all_gather(side, timings, topo.world_size, timeout)
+    timings = _all_gather(side, mine, topo.world_size, timeout)
     report.checks = checks(report.rows, args.path, shared, timings)
 
 
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace, emit: Callable[[Report], None]) -> Report:
     timeout = timedelta(seconds=args.timeout)
     try:
         _init_group(timeout)
-    except Exception as exc:  # noqa: BLE001 - no group, so every rank reports for itself
+    except Exception as exc:  # noqa: BLE001 - any rendezvous failure becomes the report
         report = Report(failures=[f"no process group within {args.timeout:g}s: {first_line(exc)} "
                                   "-> check that every rank was launched and that MASTER_ADDR:"
                                   "MASTER_PORT is reachable from every node"])
@@ -197,7 +198,7 @@ def run(args: argparse.Namespace, emit: Callable[[Report], None]) -> Report:
     watch = Watch(topo, timeout, report_failures)
     try:
         _collect(report, row, topo, args, timeout, watch)
-    except Exception as exc:  # noqa: BLE001 - any rank's failure is the finding
+    except Exception as exc:  # noqa: BLE001 - a failed check is reported, not raised
         watch.fail(f"failed while {watch.stage}: {first_line(exc)}")
     watch.finish()
     emit(report)

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from typing import Any
 
 TRIES = 20  # timed side-channel barriers and all-reduces per rank
 _HIDDEN_VARS = ("MASTER_ADDR", "MASTER_PORT")  # the same on every rank: shown once, in the header
 _LAUNCHER_FIX = (" -> let torchrun / accelerate launch set the rank variables (export none of them "
                  "by hand) and start the same number of processes on every node")
+
+
+# One rank's facts (or timings), as gathered from every rank: JSON-shaped.
+Row = dict[str, Any]
 
 
 @dataclass
@@ -30,7 +35,7 @@ class Report:
     """What the doctor found: the same on every rank (``failures`` name ranks that failed)."""
 
     rank: int = 0
-    rows: list[dict] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -42,20 +47,20 @@ class Report:
     def exit_code(self) -> int:
         return 1 if self.problems else 0
 
-    def to_json(self) -> dict:
+    def to_json(self) -> Row:
         """The report for scripts and CI systems (``--json``)."""
         return {"exit_code": self.exit_code, "rows": self.rows, "failures": self.failures,
                 "checks": [vars(c) for c in self.checks]}
 
 
-def _by_node(rows: list[dict]) -> dict[int, list[dict]]:
-    nodes: dict[int, list[dict]] = {}
+def _by_node(rows: list[Row]) -> dict[int, list[Row]]:
+    nodes: dict[int, list[Row]] = {}
     for row in rows:
         nodes.setdefault(row["node"], []).append(row)
     return dict(sorted(nodes.items()))
 
 
-def check_launcher(rows: list[dict]) -> Check:
+def check_launcher(rows: list[Row]) -> Check:
     """The launcher's variables agree with the process group and with each other."""
     world = len(rows)
     if not any(r["launcher"] for r in rows):
@@ -94,7 +99,7 @@ def check_launcher(rows: list[dict]) -> Check:
                  f"{world // len(nodes)} per node, as the launcher says")
 
 
-def check_accelerate(rows: list[dict]) -> Check:
+def check_accelerate(rows: list[Row]) -> Check:
     """Accelerate's state counts the same processes, in the same order, as torch.distributed."""
     first = rows[0]["accelerate"]
     if "skip" in first:
@@ -119,7 +124,7 @@ def check_accelerate(rows: list[dict]) -> Check:
                  f"while torch.distributed has {world} processes -> {fix}")
 
 
-def check_path(rows: list[dict], path: str | None, shared: bool | None) -> Check:
+def check_path(rows: list[Row], path: str | None, shared: bool | None) -> Check:
     """``path`` is writable everywhere; shared or node-local; free space per node."""
     if path is None:
         return Check("path", "SKIP", "no --path given")
@@ -138,7 +143,7 @@ def check_path(rows: list[dict], path: str | None, shared: bool | None) -> Check
     return Check("path", "OK", f"{path} is writable on every rank; {verdict}; {space}")
 
 
-def check_side_channel(rows: list[dict], timings: list[dict] | None) -> Check:
+def check_side_channel(rows: list[Row], timings: list[Row] | None) -> Check:
     """The gloo side channel's barrier and all-reduce times (medians), and the slowest rank."""
     if timings is None:
         return Check("side channel", "SKIP", "one process: no side channel needed")
@@ -151,7 +156,7 @@ def check_side_channel(rows: list[dict], timings: list[dict] | None) -> Check:
                  f"{slow['all_reduce']:.2f} ms")
 
 
-def check_cuda(rows: list[dict]) -> Check:
+def check_cuda(rows: list[Row]) -> Check:
     """No two ranks of a node use the same physical GPU (NCCL refuses that)."""
     users: dict[tuple[int, str], list[int]] = {}
     for r in rows:
@@ -167,14 +172,14 @@ def check_cuda(rows: list[dict]) -> Check:
     return Check("cuda", "OK", f"{sum(map(len, users.values()))} ranks, each on its own GPU")
 
 
-def checks(rows: list[dict], path: str | None, shared: bool | None,
-           timings: list[dict] | None) -> list[Check]:
+def checks(rows: list[Row], path: str | None, shared: bool | None,
+           timings: list[Row] | None) -> list[Check]:
     """Every verdict, in the order they are printed."""
     return [check_launcher(rows), check_accelerate(rows), check_path(rows, path, shared),
             check_side_channel(rows, timings), check_cuda(rows)]
 
 
-def _cells(row: dict) -> list[str]:
+def _cells(row: Row) -> list[str]:
     acc = row["accelerate"]
     if "skip" in acc or "error" in acc:
         accelerate = "-" if "skip" in acc else "error"
@@ -199,7 +204,8 @@ def render(report: Report) -> str:
         table = [["rank", "node", "local", "host", "pid", "device", "backend", "accelerate",
                   "launcher"], *map(_cells, rows)]
         widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                  for line in table]
         lines.append("")
     lines += [f"{c.status:<8} {c.name}: {c.message}" for c in report.checks]
     lines += [f"PROBLEM  {failure}" for failure in report.failures]

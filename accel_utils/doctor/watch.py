@@ -13,10 +13,12 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable
 
-import torch.distributed as dist
+# TCPStore is public torch.distributed API, but torch 2.13 does not re-export it to type checkers
+from torch.distributed import TCPStore  # type: ignore[attr-defined]
+from torch.distributed.distributed_c10d import PrefixStore, Store
 
 from accel_utils import topology
 
@@ -24,13 +26,15 @@ _BEAT_S = 0.2  # heartbeat period of every rank
 _GRACE_S = 1.5  # how long rank 0 watches the heartbeats before naming a dead rank
 
 
-def _own_store(topo: topology.Topology, timeout: timedelta) -> dist.Store:
+def _own_store(topo: topology.Topology, timeout: timedelta) -> Store:
     """A connection of our own to the job's store, under a key prefix new for this run.
 
     A store connection serves one request at a time, and the main thread may sit in a blocking
     store wait for minutes (a gloo group being built waits there for its peers): the heartbeat
     must not queue behind it, so it gets a second connection to the same TCPStore.
     """
+    if topo.group is None:
+        raise RuntimeError("the doctor's watch needs an initialised process group")
     shared = topo.group.get_group_store()
     if topo.rank == 0:  # the job's store may outlive this run (torchrun restarts): a fresh prefix
         shared.set("accel_utils/doctor/run", secrets.token_hex(8))
@@ -38,10 +42,9 @@ def _own_store(topo: topology.Topology, timeout: timedelta) -> dist.Store:
     tcp = shared
     while hasattr(tcp, "underlying_store"):  # PrefixStores down to the TCPStore
         tcp = tcp.underlying_store
-    if not isinstance(tcp, dist.TCPStore):  # a FileStore or HashStore: share the connection
-        return dist.PrefixStore(prefix, shared)
-    return dist.PrefixStore(prefix, dist.TCPStore(tcp.host, tcp.port, is_master=False,
-                                                  timeout=timeout))
+    if not isinstance(tcp, TCPStore):  # a FileStore or HashStore: share the connection
+        return PrefixStore(prefix, shared)
+    return PrefixStore(prefix, TCPStore(tcp.host, tcp.port, is_master=False, timeout=timeout))
 
 
 class Watch:
@@ -80,7 +83,7 @@ class Watch:
             try:
                 self._store.add(f"beat/{self._rank}", 1)
                 alarm = self._rank == 0 and self._store.check(["alarm"])
-            except Exception:  # noqa: BLE001 - the store is gone: the job is ending
+            except Exception:  # noqa: BLE001 - the store is gone: the main thread reports it
                 return
             if time.monotonic() - self._since > self._limit:
                 self.fail(f"waited {self._limit - 1:g}s while {self.stage}")
@@ -116,7 +119,7 @@ class Watch:
                 self._report([mine])
                 # torchrun stops a node's other workers when one exits: let rank 0 finish first
                 self._store.wait(["reported"], timedelta(seconds=_GRACE_S + 10))
-        except Exception:  # noqa: BLE001 - the store's host is gone: nobody is left to tell
+        except Exception:  # noqa: BLE001 - best effort on the way out: exits below regardless
             pass
         os._exit(1)
 

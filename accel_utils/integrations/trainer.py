@@ -15,7 +15,8 @@ multi-process Trainer run otherwise aborts now and then at interpreter exit.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -92,7 +93,7 @@ class ShardedGenerationEvalMixin:
         error: BaseException | None = None
         try:
             results = self._generate(mine, synced=shard is None and topo.world_size > 1)
-        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank together
             error, results = exc, []
         if shard is not None:  # ranks that scored their own shards fail together, not one by one
             _raise_together(error, (topo.rank, topo.world_size), accelerator)
