@@ -1,0 +1,98 @@
+"""A worker for the namespace test bed (tests/test_multihost.py): 2 nodes x 2 ranks on gloo.
+
+Usage: partition_worker.py guard|barrier|healthy
+
+Lines it prints (the test reads them):
+* ``READY rank=R`` once the process group is up (and, for ``barrier``, after a warm-up barrier);
+* ``WORKING rank=R`` when node 1's first rank starts its 30 s block (``guard``);
+* ``RESULT {json}`` with what happened: the error's type, ``ranks`` and ``nodes``, or ``passed``;
+* ``PASSED rank=R`` if a rank got past the guard or barrier.
+A rank that raised exits 1.
+"""
+
+import json
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+import accel_utils
+from accel_utils import FirstRankPerNode, barrier_and_log
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def result(**fields: object) -> None:
+    say("RESULT " + json.dumps(fields, default=str))
+
+
+def failed(rank: int, exc: BaseException) -> None:
+    result(rank=rank, error=type(exc).__name__, ranks=getattr(exc, "ranks", None),
+           nodes=getattr(exc, "nodes", None), message=str(exc)[:500])
+    sys.exit(1)
+
+
+def guard(rank: int) -> None:
+    say(f"READY rank={rank}")
+    try:
+        with FirstRankPerNode(local=True, liveness=3, timeout=timedelta(seconds=600)) as first:
+            if rank == 2:
+                say(f"WORKING rank={rank}")
+                time.sleep(30)
+        say(f"PASSED rank={rank} first={first}")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        failed(rank, exc)
+    result(rank=rank, passed=True)
+
+
+def barrier(rank: int) -> None:
+    barrier_and_log("warm-up", liveness=3)  # the side channel is up on every rank
+    say(f"READY rank={rank}")
+    try:
+        if rank >= 2:  # node 1 arrives late
+            time.sleep(30)
+        barrier_and_log("x", liveness=3)
+        say(f"PASSED rank={rank}")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        failed(rank, exc)
+    result(rank=rank, passed=True)
+
+
+def healthy(rank: int) -> None:
+    local_dir, shared_dir = os.environ["BED_LOCAL_DIR"], os.environ["BED_SHARED_DIR"]
+    nodes = accel_utils.resolve().nodes
+    out = {"rank": rank, "host": socket.gethostname(), "num_nodes": nodes.num_nodes,
+           "node_rank": nodes.node_rank, "local_rank": nodes.local_rank,
+           "local_world_size": nodes.local_world_size}
+    runs = {}
+    for name, kwargs, where in (("local", {"local": True}, local_dir),
+                                ("auto_shared", {"local": "auto", "path": shared_dir}, shared_dir),
+                                ("auto_local", {"local": "auto", "path": local_dir}, local_dir)):
+        with FirstRankPerNode(**kwargs) as first:
+            if first:  # the "preprocessing": one marker per run of the block
+                with open(os.path.join(where, f"{name}-rank{rank}"), "w") as fh:
+                    fh.write("done")
+        runs[name] = {"first": first,
+                      "markers": sorted(f for f in os.listdir(where) if f.startswith(name))}
+    out["runs"] = runs
+    result(**out)
+    accel_utils.destroy_process_group()
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    rank = dist.get_rank()
+    {"guard": guard, "barrier": barrier, "healthy": healthy}[mode](rank)
+    if mode != "healthy":
+        accel_utils.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Two real-looking hosts (network namespaces, tests/cluster.py): partitions and node identity.
+
+2 nodes x 2 ranks on gloo: ranks 0, 1 on node 0 (10.213.0.10, the store's host), ranks 2, 3 on
+node 1 (10.213.0.11). A partition detaches node 1 from the bridge: frames vanish both ways, no
+connection is reset. Node 0's ranks must name ranks [2, 3] on node 1 as not responding; node 1's
+outcome is recorded (it may be blocked until the test's hard timeout kills it) but not required.
+No wall times are asserted. Needs root; skipped otherwise unless ACCEL_UTILS_REQUIRE_NETNS=1.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tests.cluster import BedUnavailable, Cluster, bed_unavailable_reason
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts",
+                      "partition_worker.py")
+
+
+@pytest.fixture
+def cluster():
+    reason = bed_unavailable_reason()
+    required = os.environ.get("ACCEL_UTILS_REQUIRE_NETNS") == "1"
+    if reason:
+        if required:
+            pytest.fail(f"ACCEL_UTILS_REQUIRE_NETNS=1 but the namespace bed {reason}")
+        pytest.skip(f"namespace test bed {reason}")
+    try:
+        bed = Cluster(nodes=2).__enter__()
+    except BedUnavailable as exc:
+        if required:
+            pytest.fail(f"ACCEL_UTILS_REQUIRE_NETNS=1 but the bed cannot be built: {exc}")
+        pytest.skip(f"namespace test bed cannot be built: {exc}")
+    try:
+        yield bed
+    finally:
+        bed.close()
+
+
+def _node0_named_node1(job, results) -> None:
+    report = job.describe() + "\nnode 1: " + "; ".join(_node1_outcome(results))
+    for res in results:  # nobody may get past the guard or barrier
+        assert not res.lines("PASSED"), report
+    for res in results[:2]:
+        assert res.returncode not in (None, 0), report
+        outcome = res.results()
+        assert len(outcome) == 1, report
+        assert outcome[0]["error"] == "RanksNotRespondingError", report
+        assert outcome[0]["ranks"] == [2, 3], report
+        # .nodes maps each named rank to its node (JSON keys are strings)
+        assert outcome[0]["nodes"] == {"2": 1, "3": 1}, report
+
+
+def _node1_outcome(results) -> list[str]:
+    """What node 1's ranks did: recorded for the report, not required (they may be blocked)."""
+    seen = []
+    for res in results[2:]:
+        outcome = res.results()
+        if res.returncode is None:
+            seen.append(f"rank {res.rank}: killed by the test's hard timeout")
+        elif outcome and "error" in outcome[0]:
+            seen.append(f"rank {res.rank}: rc={res.returncode} {outcome[0]['error']}: "
+                        f"{outcome[0]['message'][:200]}")
+        else:
+            seen.append(f"rank {res.rank}: rc={res.returncode} {res.output[-300:]!r}")
+    return seen
+
+
+def test_partition_during_guard_names_node1(cluster):
+    """Node 1's first rank works 30 s in its block; node 1 is cut off meanwhile."""
+    job = cluster.launch(WORKER, ["guard"], timeout=80)
+    assert job.wait_for(2, "WORKING", timeout=60), job.describe()
+    time.sleep(1.5)  # heartbeats of the block are running on every member
+    cluster.partition(1)
+    results = job.wait()  # every rank, or the hard timeout kills what is left (node 1, blocked)
+    print("node 1:", *_node1_outcome(results), sep="\n  ")
+    _node0_named_node1(job, results)
+
+
+def test_partition_during_barrier_names_node1(cluster):
+    """Node 0 waits in barrier_and_log("x", liveness=3); node 1 sleeps 30 s and is cut off."""
+    job = cluster.launch(WORKER, ["barrier"], timeout=80)
+    for rank in range(4):
+        assert job.wait_for(rank, "READY", timeout=60), job.describe()
+    time.sleep(1.5)  # node 0 is inside the barrier
+    cluster.partition(1)
+    results = job.wait()  # every rank, or the hard timeout kills what is left (node 1, blocked)
+    print("node 1:", *_node1_outcome(results), sep="\n  ")
+    _node0_named_node1(job, results)
+
+
+@pytest.mark.parametrize("launcher_vars", [True, False], ids=["torchrun_vars", "bare_vars"])
+def test_healthy_two_hosts(cluster, launcher_vars):
+    """Host names tell the nodes apart; node-local tmpfs vs shared dir pick the order."""
+    results = cluster.run(WORKER, ["healthy"], timeout=120, launcher_vars=launcher_vars)
+    report = "\n".join(f"rank {r.rank} rc={r.returncode}\n{r.output[-3000:]}" for r in results)
+    assert [r.returncode for r in results] == [0, 0, 0, 0], report
+    out = [r.results()[0] for r in results]
+    assert [o["host"] for o in out] == ["node0", "node0", "node1", "node1"], report
+    assert [o["num_nodes"] for o in out] == [2] * 4, report
+    assert [o["node_rank"] for o in out] == [0, 0, 1, 1], report
+    assert [o["local_rank"] for o in out] == [0, 1, 0, 1], report
+    assert [o["local_world_size"] for o in out] == [2] * 4, report
+    # local=True on node-local disks: the block runs once per node, each disk has its marker
+    assert [o["runs"]["local"]["first"] for o in out] == [True, False, True, False], report
+    assert [o["runs"]["local"]["markers"] for o in out] == [
+        ["local-rank0"], ["local-rank0"], ["local-rank2"], ["local-rank2"]], report
+    # local="auto" on the shared dir: global order, one first rank
+    assert [o["runs"]["auto_shared"]["first"] for o in out] == [True, False, False, False], report
+    assert all(o["runs"]["auto_shared"]["markers"] == ["auto_shared-rank0"] for o in out), report
+    # local="auto" on the node-local tmpfs: not shared, so once per node
+    assert [o["runs"]["auto_local"]["first"] for o in out] == [True, False, True, False], report
