@@ -33,7 +33,9 @@ def _lane(group: Any) -> tuple[Topology, Lane | None]:
     topo = resolve(group)
     if topo.world_size == 1 or topo.group is None:
         return topo, None
-    return topo, lane_for(topo.group)
+    lane = lane_for(topo.group)
+    lane.post_place(topo.nodes.node_rank, topo.nodes.local_rank, None)
+    return topo, lane
 
 
 def _create_gloo_group(group: Any = None, timeout: Any = _LOG_TIMEOUT) -> Any:

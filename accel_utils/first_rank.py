@@ -136,10 +136,7 @@ class FirstRankPerNode(ContextDecorator):
             if entry.outer is not None and entry.outer.order != entry.order:
                 raise ValueError("a nested FirstRankPerNode on the same group must use the same "
                                  "order")
-            if not lane.memo.get("node"):  # once per lane: lets survivors name a rank's node
-                place = f"{topo.nodes.node_rank} {topo.nodes.local_rank}"
-                lane.store(lambda s: s.set(f"node/{lane.rank}", place), self.liveness)
-                lane.memo["node"] = True
+            lane.post_place(topo.nodes.node_rank, topo.nodes.local_rank, self.liveness)
             if entry.outer is None:
                 entry.seq = lane.begin()
                 if lane.group is None:  # first ranks too: a rank that dies in its block then

@@ -124,6 +124,12 @@ class Lane(Diagnoses):
     label: str = ""  # the current operation's label (a guard's order)
     memo: dict[str, Any] = field(default_factory=dict)  # per-lane facts (probes, node posted)
 
+    def post_place(self, node: int, local_rank: int, liveness: float | None) -> None:
+        """Once per lane: this rank's node and local rank, so survivors can name its node."""
+        if not self.memo.get("place"):
+            self.store(lambda s: s.set(f"node/{self.rank}", f"{node} {local_rank}"), liveness)
+            self.memo["place"] = True
+
     def begin(self) -> int:
         """Enter the next operation; returns its number (the same on every member)."""
         self.seq += 1
@@ -255,8 +261,8 @@ class Lane(Diagnoses):
             self.abandon()
             raise SideChannelError(f"{what}: lost the job's store: no answer for {patience:g}s "
                                    "(its host is down or unreachable from this rank)")
-        stale = self.pulse.stale(seq, liveness)
-        if stale:
+        if self.pulse.stale(seq, liveness):  # name every member silent for a while, not the first
+            stale = self.pulse.stale(seq, max(liveness / 2, 3 * POLL_S))
             self.fail(self.publish(seq, {"kind": "unresponsive", "ranks": stale,
                                          "liveness_s": liveness, "what": what}, liveness))
 

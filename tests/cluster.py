@@ -21,6 +21,7 @@ in which case it fails.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -78,7 +79,7 @@ class ProcResult:
 class Job:
     """Processes started by :meth:`Cluster.launch`: one ``sh`` per node, outputs in files."""
 
-    def __init__(self, cluster: "Cluster", procs_per_node: int, rundir: str,
+    def __init__(self, cluster: Cluster, procs_per_node: int, rundir: str,
                  popens: list[subprocess.Popen], timeout: float) -> None:
         self.cluster = cluster
         self.procs_per_node = procs_per_node
@@ -149,15 +150,11 @@ class Job:
     def kill(self) -> None:
         for popen in self.popens:
             if popen.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         for popen in self.popens:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
 
     def describe(self) -> str:
         parts = []
@@ -186,7 +183,7 @@ class Cluster:
         self._runs = 0
 
     # -- set-up and teardown ------------------------------------------------------------------
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         reason = bed_unavailable_reason()
         if reason:
             raise BedUnavailable(reason)
