@@ -145,6 +145,7 @@ class Pulse:
             try:
                 if job is not None:
                     job()
+                    job = None  # its closure may hold a lane (and its group): let it go now
                 self._beat()
             except Exception:
                 logger.debug("side-channel heartbeat failed", exc_info=True)

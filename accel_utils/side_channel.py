@@ -127,7 +127,8 @@ class Lane(Diagnoses):
     def post_place(self, node: int, local_rank: int, liveness: float | None) -> None:
         """Once per lane: this rank's node and local rank, so survivors can name its node."""
         if not self.memo.get("place"):
-            self.store(lambda s: s.set(f"node/{self.rank}", f"{node} {local_rank}"), liveness)
+            key, value = f"node/{self.rank}", f"{node} {local_rank}"  # no reference to self
+            self.store(lambda s: s.set(key, value), liveness)
             self.memo["place"] = True
 
     def begin(self) -> int:
