@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, NoReturn
 
-from accel_utils._pulse import POLL_S, Mark, Pulse, mark_key, read_marks
+from accel_utils._pulse import POLL_S, Mark, Pulse, mark_key, raise_alarm, read_marks
 from accel_utils.errors import (
     BarrierTimeoutError,
     FirstRankFailedError,
@@ -70,8 +70,11 @@ class Diagnoses:
         record = {**record, "seq": seq, "by": self.rank}
         key = self.record_key(seq)
         try:
-            won = self.store(lambda s: s.compare_set(key, "", json.dumps(record)), liveness)
-            return dict(json.loads(won))
+            won = dict(json.loads(self.store(
+                lambda s: s.compare_set(key, "", json.dumps(record)), liveness)))
+            if won == record:  # the first record: tell everyone now, nobody polls for it
+                self.store(lambda s: raise_alarm(s, key), liveness)
+            return won
         except Exception:
             logger.debug("could not publish a side-channel failure record", exc_info=True)
             return record
@@ -101,6 +104,7 @@ class Diagnoses:
     def _lost(self, seq: int, what: str, liveness: float | None, err: BaseException) -> NoReturn:
         # A peer's timeout closes its connections too: its record comes first, if it comes.
         key, lost_at = self.record_key(seq), time.monotonic()
+        self.wake(liveness)  # everyone alive beats now: the silent ones are gone
         end = lost_at + _LOST_WAIT_S
         while time.monotonic() < end:
             found = self.read(key, liveness)
@@ -122,12 +126,21 @@ class Diagnoses:
         except Exception:
             logger.debug("could not post a mark", exc_info=True)
 
+    def wake(self, liveness: float | None) -> None:
+        """Make every member beat now (and fast for a while); watch all of them from here."""
+        self.pulse.widen()
+        try:
+            self.store(lambda s: raise_alarm(s, ""), liveness)
+        except Exception:
+            logger.debug("could not wake the other members", exc_info=True)
+
     def missing(self, seq: int, liveness: float | None) -> tuple[list[int], list[int]]:
         """Members that had not arrived at ``seq``, and those that arrived but went silent."""
         self.post(seq, "a", liveness)
+        self.wake(liveness)
         time.sleep(_SETTLE_S)
         try:
-            marks = self.store(lambda s: read_marks(s, self.size), liveness)
+            marks = self.store(lambda s: read_marks(s, range(self.size)), liveness)
         except Exception:  # noqa: BLE001 - the store is gone: nobody can be named
             return [], []
         missing = [r for r in range(self.size) if r not in marks or marks[r].seq < seq

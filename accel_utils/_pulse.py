@@ -1,10 +1,18 @@
-"""One background thread per side channel: heartbeats, failure polls and bounded store calls.
+"""One background thread per side channel: heartbeats, failure alarms and bounded store calls.
 
 While this rank is inside a side-channel operation (a guard's block, a wait) for longer than
 0.1 s, the thread beats: it writes this rank's mark (``"seq phase count"``) into the job's
-store, looks for a failure record of the operation, and reads every member's mark. The waiting
-thread then judges from those observations alone, so it never blocks on the store itself. A
-quick operation costs the thread nothing: it only looks at a field every ``POLL_S``.
+store and reads the marks of the members it watches, its two ring neighbours (everyone's, once
+one of them falls silent, so that a verdict names every silent member). The waiting thread
+then judges from those observations alone, so it never blocks on the store itself. A quick
+operation costs the thread nothing: it only looks at a field every ``POLL_S``.
+
+The store load of a long wait is bounded per rank whatever the world size: two requests per
+beat, a beat every ``POLL_S`` for the first ``FAST_S`` of an operation, then every
+``liveness / 6`` (at most ``SLOW_BEAT_S``). Failure records are not polled for: a second
+connection waits server-side for the lane's next *alarm*, which whoever publishes a record
+(or needs everyone's marks fresh now: a *wake*) raises; a wake makes every member beat at once
+and fast again for ``FAST_S``.
 
 Every store call runs on this thread, over a connection of its own (a store call on a
 partitioned host blocks for ~15 minutes whatever its timeout): callers wait at most a deadline
@@ -18,16 +26,20 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from accel_utils.errors import SideChannelError
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 0.5  # how often a long wait beats and looks for failure records
+POLL_S = 0.5  # how often a wait beats while it is young (or woken)
+FAST_S = 5.0  # how long an operation (or a wake) keeps the beat at POLL_S
+SLOW_BEAT_S = 5.0  # the slowest beat of a long wait
 _BEAT_AFTER_S = 0.1  # operations shorter than this (every quick one) never beat
+_FOREVER = timedelta(days=30)  # an alarm wait never times out (a late reply would desync it)
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,19 @@ def mark_key(rank: int) -> str:
     return f"mark/{rank}"
 
 
+def beat_interval(lasted: float, liveness: float | None) -> float:
+    """Seconds between beats of an operation ``lasted`` seconds old (see the module)."""
+    if lasted < FAST_S:
+        return POLL_S
+    return min(max(POLL_S, (liveness or SLOW_BEAT_S * 6) / 6), SLOW_BEAT_S)
+
+
+def raise_alarm(store: Any, value: str) -> None:
+    """Wake every member's pulse: ``value`` is a failure record's key, or "" (beat now)."""
+    number = store.add("alarms", 1)
+    store.set(f"alarm/{number}", value)
+
+
 class Pulse:
     """The heartbeat and store thread of one side channel (see the module docstring).
 
@@ -64,26 +89,40 @@ class Pulse:
     def __init__(self, store: Any, rank: int, size: int, name: str) -> None:
         self._store, self._rank, self._size = store, rank, size
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._active: tuple[int, str, float, str] | None = None
+        self._active: tuple[int, str, float, str, float | None] | None = None
         self._count = 0
         self._last_beat = 0.0
+        self._woken = -FAST_S  # when the last alarm arrived
+        self._wide = False  # reading every member's mark in this operation
         self._busy_since: float | None = None
         self._stopped = False
         self.requests = 0  # store round trips asked for (calls and beats), for tests
+        self.listens = 0  # alarm waits sent (each held by the store until an alarm)
         self.records: dict[str, dict[str, Any]] = {}  # failure records seen, by key
         self.seen: dict[int, tuple[Mark, float]] = {}  # rank -> (mark, when it last changed)
         self.watch_start: float | None = None  # first reading of the marks in this operation
+        self._watch = sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
+        self._listening = hasattr(store, "clone")  # else failure records are polled
         threading.Thread(target=self._run, name=f"accel-utils-pulse-{name}", daemon=True).start()
+        if self._listening:
+            threading.Thread(target=self._listen, args=(store.clone(),), daemon=True,
+                             name=f"accel-utils-alarms-{name}").start()
 
     # ------------------------------------------------------------------ the operating thread
-    def activate(self, seq: int, phase: str, record_key: str) -> None:
+    def activate(self, seq: int, phase: str, record_key: str, liveness: float | None) -> None:
         """This rank entered (or, for the same ``seq``, moved on inside) operation ``seq``."""
         old = self._active
-        if old is not None and old[0] == seq:  # a first rank leaving its block: same operation
-            self._active = (seq, phase, old[2], record_key)
+        if old is not None and old[0] == seq:  # a first rank leaving its block: say so now
+            self._active = (seq, phase, old[2], record_key, liveness)
+            self._last_beat = 0.0
             return
-        self.seen, self.watch_start = {}, None
-        self._active = (seq, phase, time.monotonic(), record_key)
+        self.seen, self.watch_start, self._wide = {}, None, False
+        self._active = (seq, phase, time.monotonic(), record_key, liveness)
+
+    def widen(self) -> None:
+        """Read every member's mark from now on in this operation (a rank about to judge)."""
+        self._wide = True
+        self._last_beat = 0.0
 
     def lasted(self) -> float:
         """How long this rank has been inside the active operation (0 when none)."""
@@ -155,16 +194,40 @@ class Pulse:
     def _beat(self) -> None:
         active = self._active
         now = time.monotonic()
-        if active is None or now - active[2] < _BEAT_AFTER_S or now - self._last_beat < POLL_S:
+        if active is None or now - active[2] < _BEAT_AFTER_S:
             return
-        seq, phase, _, record_key = active
+        seq, phase, since, record_key, liveness = active
+        if now - self._last_beat < beat_interval(min(now - since, now - self._woken), liveness):
+            return
         self._last_beat = now
-        self.requests += 1
         self._count += 1
+        self.requests += 2
         self._store.set(mark_key(self._rank), str(Mark(seq, phase, self._count)))
-        if record_key not in self.records and self._store.check([record_key]):
-            self.records[record_key] = json.loads(self._store.get(record_key))
-        self._observe(read_marks(self._store, self._size))
+        if not self._listening and record_key not in self.records:
+            self.requests += 1
+            if self._store.check([record_key]):
+                self.records[record_key] = json.loads(self._store.get(record_key))
+        self._observe(read_marks(self._store, range(self._size) if self._wide else self._watch))
+        if (liveness is not None and not self._wide
+                and self.stale(seq, liveness / 4)):  # from now on, watch who else goes silent
+            self._wide = True
+
+    def _listen(self, store: Any) -> None:
+        """Wait server-side for each alarm in turn; file its record, make the beat fast."""
+        number = 0
+        while not self._stopped:
+            try:
+                self.listens += 1
+                store.wait([f"alarm/{number + 1}"], _FOREVER)
+                number += 1
+                key = store.get(f"alarm/{number}").decode()
+                if key and key not in self.records:
+                    self.records[key] = json.loads(store.get(key))
+            except Exception:  # the store is gone (the job ended): nothing more will come
+                logger.debug("side-channel alarm listener stopped", exc_info=True)
+                return
+            self._woken, self._last_beat = time.monotonic(), 0.0
+            self._jobs.put(_nothing)  # beat now
 
     def _observe(self, marks: dict[int, Mark]) -> None:
         now = time.monotonic()
@@ -176,9 +239,14 @@ class Pulse:
                 self.seen[rank] = (mark, now)
 
 
-def read_marks(store: Any, size: int) -> dict[int, Mark]:
-    """Every member's mark that exists (a member that never beat has none)."""
-    keys = [mark_key(r) for r in range(size)]
-    if store.check(keys):
-        return {r: Mark.parse(v) for r, v in enumerate(store.multi_get(keys))}
-    return {r: Mark.parse(store.get(k)) for r, k in enumerate(keys) if store.check([k])}
+def _nothing() -> None:
+    pass
+
+
+def read_marks(store: Any, ranks: Iterable[int]) -> dict[int, Mark]:
+    """The marks of ``ranks`` that exist (a member that never beat has none)."""
+    keys = {r: mark_key(r) for r in ranks}
+    if store.check(list(keys.values())):
+        return {r: Mark.parse(v) for r, v in zip(keys, store.multi_get(list(keys.values())),
+                                                  strict=True)}
+    return {r: Mark.parse(store.get(k)) for r, k in keys.items() if store.check([k])}

@@ -22,6 +22,7 @@ longer than ``POLL_S``, :class:`~accel_utils._pulse.Pulse` beats and watches the
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -149,7 +150,7 @@ class Lane(Diagnoses):
         then parks the group. Raises on every failure, naming who and why (see the module).
         """
         self.label = label
-        self.pulse.activate(seq, "a", self.record_key(seq))
+        self.pulse.activate(seq, "a", self.record_key(seq), liveness)
         # A member inside this operation for a while asks for a second round: a peer that
         # died or froze after its share went through must not let some members pass.
         word = _encode(seq, kind, label, payload, failed, self.pulse.lasted() > POLL_S)
@@ -193,7 +194,7 @@ class Lane(Diagnoses):
 
     def connect(self, seq: int, what: str, limit: timedelta, liveness: float | None) -> None:
         """Create the gloo group under operation ``seq``'s prefix (collective over members)."""
-        self.pulse.activate(seq, "a", f"fail/{seq}")
+        self.pulse.activate(seq, "a", f"fail/{seq}", liveness)
         try:
             self._create(seq, what, limit, liveness)
         finally:
@@ -207,7 +208,7 @@ class Lane(Diagnoses):
             try:
                 store = PrefixStore(f"g{seq}", base.clone() if hasattr(base, "clone")
                                          else base)
-                box["group"] = dist.ProcessGroupGloo(store, rank, size, limit)
+                box["group"] = connect_gloo(store, rank, size, limit)
             except Exception as exc:  # noqa: BLE001 - reported by the watching thread
                 box["error"] = exc
 
@@ -281,6 +282,27 @@ class Lane(Diagnoses):
         if record["kind"] == "timeout":
             record = self._complete(record, key, liveness)
         raise error_from(record, self) from cause
+
+
+def connect_gloo(store: Any, rank: int, size: int, limit: timedelta) -> Any:
+    """A gloo group whose members connect only to the peers its all-reduce uses.
+
+    Gloo connects every pair at creation by default: ``size - 1`` sockets per process, which
+    at thousands of ranks exhausts descriptor limits. Lazily, its ring all-reduce connects each
+    member to its two neighbours; one all-reduce here makes those connections (and makes the
+    creation a rendezvous of all members again), so no later operation has to wait for them.
+    """
+    gloo: Any = dist.ProcessGroupGloo  # the stubs lack _Options and the backend's collectives
+    options = gloo._Options()
+    options._timeout = limit
+    names = [n for n in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if n]
+    options._devices = ([gloo.create_device(interface=n, lazy_init=True) for n in names]
+                        or [gloo.create_default_device(lazy_init=True)])
+    group = gloo(store, rank, size, options)
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.BOR  # type: ignore[assignment]  # stubs: RedOpType
+    group.allreduce([torch.zeros(1, dtype=torch.int64)], opts).wait()
+    return group
 
 
 def _finished(work: Any) -> Callable[[timedelta], bool]:
