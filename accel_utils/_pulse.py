@@ -94,6 +94,7 @@ class Pulse:
         self._last_beat = 0.0
         self._woken = -FAST_S  # when the last alarm arrived
         self._wide = False  # reading every member's mark in this operation
+        self.wide_since: float | None = None  # the first reading of every member's mark
         self._busy_since: float | None = None
         self._stopped = False
         self.requests = 0  # store round trips asked for (calls and beats), for tests
@@ -116,13 +117,13 @@ class Pulse:
             self._active = (seq, phase, old[2], record_key, liveness)
             self._last_beat = 0.0
             return
-        self.seen, self.watch_start, self._wide = {}, None, False
+        self.seen, self.watch_start, self._wide, self.wide_since = {}, None, False, None
         self._active = (seq, phase, time.monotonic(), record_key, liveness)
 
     def widen(self) -> None:
         """Read every member's mark from now on in this operation (a rank about to judge)."""
-        self._wide = True
-        self._last_beat = 0.0
+        if not self._wide:
+            self._wide, self._last_beat = True, 0.0
 
     def lasted(self) -> float:
         """How long this rank has been inside the active operation (0 when none)."""
@@ -167,6 +168,11 @@ class Pulse:
         since = self._busy_since
         return 0.0 if since is None else time.monotonic() - since
 
+    def wide_for(self) -> float:
+        """How long every member's mark has been read in this operation (0: not yet)."""
+        since = self.wide_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def stale(self, seq: int | None, silent_s: float) -> list[int]:
         """Members inside operation ``seq`` (any, for None) whose mark stood for ``silent_s``."""
         now = time.monotonic()
@@ -207,7 +213,10 @@ class Pulse:
             self.requests += 1
             if self._store.check([record_key]):
                 self.records[record_key] = json.loads(self._store.get(record_key))
-        self._observe(read_marks(self._store, range(self._size) if self._wide else self._watch))
+        wide = self._wide
+        self._observe(read_marks(self._store, range(self._size) if wide else self._watch))
+        if wide and self.wide_since is None:
+            self.wide_since = now
         if (liveness is not None and not self._wide
                 and self.stale(seq, liveness / 4)):  # from now on, watch who else goes silent
             self._wide = True

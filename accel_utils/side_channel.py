@@ -263,8 +263,12 @@ class Lane(Diagnoses):
             self.abandon()
             raise SideChannelError(f"{what}: lost the job's store: no answer for {patience:g}s "
                                    "(its host is down or unreachable from this rank)")
-        if self.pulse.stale(seq, liveness):  # name every member silent for a while, not the first
-            stale = self.pulse.stale(seq, max(liveness / 2, 3 * POLL_S))
+        if not self.pulse.stale(seq, liveness):
+            return
+        window = max(liveness / 2, 3 * POLL_S)  # name every member silent that long, not one
+        self.pulse.widen()
+        if self.pulse.wide_for() >= window:
+            stale = self.pulse.stale(seq, window)
             self.fail(self.publish(seq, {"kind": "unresponsive", "ranks": stale,
                                          "liveness_s": liveness, "what": what}, liveness))
 
