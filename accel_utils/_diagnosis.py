@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, NoReturn
 
-from accel_utils._pulse import POLL_S, Mark, Pulse, mark_key, raise_alarm, read_marks
+from accel_utils._pulse import POLL_S, Mark, Pulse, mark_key, raise_alarm, read_marks, silence_s
 from accel_utils.errors import (
     BarrierTimeoutError,
     FirstRankFailedError,
@@ -92,7 +92,7 @@ class Diagnoses:
     def _complete(self, record: dict[str, Any], key: str,
                   liveness: float | None) -> dict[str, Any]:
         """A timeout record with the ranks its publisher names (one diagnosis for all)."""
-        end = time.monotonic() + _SETTLE_S + _LOST_WAIT_S
+        end = time.monotonic() + _SETTLE_S + _LOST_WAIT_S + 2 * silence_s(liveness)
         while "missing" not in record and time.monotonic() < end:
             time.sleep(0.1)
             record = self.read(key, liveness) or record
@@ -112,8 +112,7 @@ class Diagnoses:
                 self.fail(found, err, liveness)
             time.sleep(0.1)
         missing, _ = self.missing(seq, liveness)  # meanwhile the pulse watched every mark
-        time.sleep(max(0.0, lost_at + 3 * POLL_S + 0.1 - time.monotonic()))
-        dead = self.pulse.stale(None, 2 * POLL_S)  # a live member beats every POLL_S
+        dead = self.pulse.stale(None, silence_s(liveness))  # a live member has beaten since
         self.fail(self.publish(seq, {"kind": "died", "ranks": dead, "missing": missing,
                                      "what": what, "label": self.label,
                                      "message": str(err).split(". This", 1)[0]}, liveness), err)
@@ -139,13 +138,16 @@ class Diagnoses:
         self.post(seq, "a", liveness)
         self.wake(liveness)
         time.sleep(_SETTLE_S)
+        end = time.monotonic() + silence_s(liveness) + POLL_S
+        while self.pulse.wide_for() < silence_s(liveness) and time.monotonic() < end:
+            time.sleep(0.1)  # long enough to tell a silent member from a slowly beating one
         try:
             marks = self.store(lambda s: read_marks(s, range(self.size)), liveness)
         except Exception:  # noqa: BLE001 - the store is gone: nobody can be named
             return [], []
         missing = [r for r in range(self.size) if r not in marks or marks[r].seq < seq
                    or (marks[r].seq == seq and marks[r].phase == "w")]
-        silent = [r for r in self.pulse.stale(seq, 3 * POLL_S) if r not in missing]
+        silent = [r for r in self.pulse.stale(seq, silence_s(liveness)) if r not in missing]
         return missing, silent
 
     def placement(self, ranks: list[int]) -> dict[int, tuple[int, int] | None]:
@@ -188,6 +190,8 @@ def error_from(record: dict[str, Any], lane: Diagnoses) -> Exception:
     if kind == "unresponsive":
         return RanksNotRespondingError(record["ranks"], record["liveness_s"], what,
                                        lane.nodes_of(record["ranks"]))
+    if kind == "resources":
+        return SideChannelError(f"{what}: {record['message']}", ranks=[record["rank"]])
     if kind == "failed":
         return FirstRankFailedError(record["rank"], record["node"], record["exc_type"],
                                     record["message"])

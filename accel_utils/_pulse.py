@@ -8,11 +8,12 @@ then judges from those observations alone, so it never blocks on the store itsel
 operation costs the thread nothing: it only looks at a field every ``POLL_S``.
 
 The store load of a long wait is bounded per rank whatever the world size: two requests per
-beat, a beat every ``POLL_S`` for the first ``FAST_S`` of an operation, then every
-``liveness / 6`` (at most ``SLOW_BEAT_S``). Failure records are not polled for: a second
-connection waits server-side for the lane's next *alarm*, which whoever publishes a record
-(or needs everyone's marks fresh now: a *wake*) raises; a wake makes every member beat at once
-and fast again for ``FAST_S``.
+beat (its mark; one read of the watched marks and the lane's alarm counter), a beat every
+``POLL_S`` for the first ``FAST_S`` of an operation, then every ``liveness / 6`` (at most
+``SLOW_BEAT_S``). Whoever publishes a failure record, or needs everyone's marks fresh (a
+*wake*), raises an alarm: the counter goes up, every member reads the record at its next beat
+and beats fast again for ``FAST_S``. (A connection held in a server-side ``wait`` would make
+the alarm instant, but measured on torch 2.13 it stalls gloo's lazy connections by 5 s.)
 
 Every store call runs on this thread, over a connection of its own (a store call on a
 partitioned host blocks for ~15 minutes whatever its timeout): callers wait at most a deadline
@@ -28,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from accel_utils.errors import SideChannelError
@@ -37,9 +37,9 @@ logger = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often a wait beats while it is young (or woken)
 FAST_S = 5.0  # how long an operation (or a wake) keeps the beat at POLL_S
-SLOW_BEAT_S = 5.0  # the slowest beat of a long wait
+SLOW_BEAT_S = 3.0  # the slowest beat of a long wait
 _BEAT_AFTER_S = 0.1  # operations shorter than this (every quick one) never beat
-_FOREVER = timedelta(days=30)  # an alarm wait never times out (a late reply would desync it)
+ALARMS = "alarms"  # the lane's alarm counter
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,14 @@ def beat_interval(lasted: float, liveness: float | None) -> float:
     return min(max(POLL_S, (liveness or SLOW_BEAT_S * 6) / 6), SLOW_BEAT_S)
 
 
+def silence_s(liveness: float | None) -> float:
+    """Silence that proves a member is not beating: its slowest beat and the thread's lag."""
+    return beat_interval(FAST_S, liveness) + 2 * POLL_S
+
+
 def raise_alarm(store: Any, value: str) -> None:
     """Wake every member's pulse: ``value`` is a failure record's key, or "" (beat now)."""
-    number = store.add("alarms", 1)
-    store.set(f"alarm/{number}", value)
+    store.set(f"alarm/{store.add(ALARMS, 1)}", value)
 
 
 class Pulse:
@@ -89,7 +93,7 @@ class Pulse:
     def __init__(self, store: Any, rank: int, size: int, name: str) -> None:
         self._store, self._rank, self._size = store, rank, size
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._active: tuple[int, str, float, str, float | None] | None = None
+        self._active: tuple[int, str, float, float | None] | None = None
         self._count = 0
         self._last_beat = 0.0
         self._woken = -FAST_S  # when the last alarm arrived
@@ -98,27 +102,23 @@ class Pulse:
         self._busy_since: float | None = None
         self._stopped = False
         self.requests = 0  # store round trips asked for (calls and beats), for tests
-        self.listens = 0  # alarm waits sent (each held by the store until an alarm)
         self.records: dict[str, dict[str, Any]] = {}  # failure records seen, by key
         self.seen: dict[int, tuple[Mark, float]] = {}  # rank -> (mark, when it last changed)
-        self.watch_start: float | None = None  # first reading of the marks in this operation
         self._watch = sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
-        self._listening = hasattr(store, "clone")  # else failure records are polled
+        self._alarms = 0  # alarms read so far
+        self._exist: set[int] = set()  # members whose mark exists (no need to check again)
         threading.Thread(target=self._run, name=f"accel-utils-pulse-{name}", daemon=True).start()
-        if self._listening:
-            threading.Thread(target=self._listen, args=(store.clone(),), daemon=True,
-                             name=f"accel-utils-alarms-{name}").start()
 
     # ------------------------------------------------------------------ the operating thread
-    def activate(self, seq: int, phase: str, record_key: str, liveness: float | None) -> None:
+    def activate(self, seq: int, phase: str, liveness: float | None) -> None:
         """This rank entered (or, for the same ``seq``, moved on inside) operation ``seq``."""
         old = self._active
         if old is not None and old[0] == seq:  # a first rank leaving its block: say so now
-            self._active = (seq, phase, old[2], record_key, liveness)
+            self._active = (seq, phase, old[2], liveness)
             self._last_beat = 0.0
             return
-        self.seen, self.watch_start, self._wide, self.wide_since = {}, None, False, None
-        self._active = (seq, phase, time.monotonic(), record_key, liveness)
+        self.seen, self._wide, self.wide_since = {}, False, None
+        self._active = (seq, phase, time.monotonic(), liveness)
 
     def widen(self) -> None:
         """Read every member's mark from now on in this operation (a rank about to judge)."""
@@ -202,54 +202,54 @@ class Pulse:
         now = time.monotonic()
         if active is None or now - active[2] < _BEAT_AFTER_S:
             return
-        seq, phase, since, record_key, liveness = active
+        seq, phase, since, liveness = active
         if now - self._last_beat < beat_interval(min(now - since, now - self._woken), liveness):
             return
         self._last_beat = now
         self._count += 1
         self.requests += 2
         self._store.set(mark_key(self._rank), str(Mark(seq, phase, self._count)))
-        if not self._listening and record_key not in self.records:
-            self.requests += 1
-            if self._store.check([record_key]):
-                self.records[record_key] = json.loads(self._store.get(record_key))
         wide = self._wide
-        self._observe(read_marks(self._store, range(self._size) if wide else self._watch))
+        ranks = list(range(self._size)) if wide else self._watch
+        if not self._exist.issuperset(ranks):
+            self.requests += 2
+            marks = read_marks(self._store, ranks)
+            self._exist.update(marks)
+            alarms = int(self._store.add(ALARMS, 0))
+        else:
+            values = self._store.multi_get([ALARMS, *(mark_key(r) for r in ranks)])
+            alarms, marks = int(values[0]), {r: Mark.parse(v) for r, v in zip(ranks, values[1:],
+                                                                               strict=True)}
+        self._observe(marks)
         if wide and self.wide_since is None:
             self.wide_since = now
+        if alarms > self._alarms:
+            self._read_alarms(alarms)
         if (liveness is not None and not self._wide
                 and self.stale(seq, liveness / 4)):  # from now on, watch who else goes silent
             self._wide = True
 
-    def _listen(self, store: Any) -> None:
-        """Wait server-side for each alarm in turn; file its record, make the beat fast."""
-        number = 0
-        while not self._stopped:
-            try:
-                self.listens += 1
-                store.wait([f"alarm/{number + 1}"], _FOREVER)
-                number += 1
-                key = store.get(f"alarm/{number}").decode()
-                if key and key not in self.records:
-                    self.records[key] = json.loads(store.get(key))
-            except Exception:  # the store is gone (the job ended): nothing more will come
-                logger.debug("side-channel alarm listener stopped", exc_info=True)
+    def _read_alarms(self, count: int) -> None:
+        """File the records of alarms not read yet; beat fast again (a wake or a failure)."""
+        while self._alarms < count:
+            key = f"alarm/{self._alarms + 1}"
+            self.requests += 1
+            if not self._store.check([key]):  # its raiser has not written it yet
                 return
-            self._woken, self._last_beat = time.monotonic(), 0.0
-            self._jobs.put(_nothing)  # beat now
+            self.requests += 1
+            record = self._store.get(key).decode()
+            if record and record not in self.records:
+                self.requests += 1
+                self.records[record] = json.loads(self._store.get(record))
+            self._alarms += 1
+            self._woken = time.monotonic()
 
     def _observe(self, marks: dict[int, Mark]) -> None:
         now = time.monotonic()
-        if self.watch_start is None:
-            self.watch_start = now
         for rank, mark in marks.items():
             old = self.seen.get(rank)
             if old is None or old[0] != mark:
                 self.seen[rank] = (mark, now)
-
-
-def _nothing() -> None:
-    pass
 
 
 def read_marks(store: Any, ranks: Iterable[int]) -> dict[int, Mark]:

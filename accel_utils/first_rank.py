@@ -142,8 +142,7 @@ class FirstRankPerNode(ContextDecorator):
                 if lane.group is None:  # first ranks too: a rank that dies in its block then
                     lane.connect(entry.seq, _WHAT, limit, self.liveness)  # closes connections
                 if entry.first:  # beats while the block runs: a frozen first rank is named
-                    lane.pulse.activate(entry.seq, "w", lane.record_key(entry.seq),
-                                          self.liveness)
+                    lane.pulse.activate(entry.seq, "w", self.liveness)
         _stack().append(entry)
         self._entries().append(entry)
         if entry.lane is not None and entry.outer is None and not entry.first:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import resource
 import threading
 import time
 import zlib
@@ -51,6 +52,7 @@ _KINDS = {"create": 1, "barrier": 2, "guard": 3, "log": 4, "probe": 5}
 FAILED_BIT = 1 << 62
 CONFIRM_BIT = 1 << 61
 PAYLOAD_BITS = 30
+_FDS_PER_GROUP = 16  # a lazy side group holds ~6 (a store connection, a listener, 2 ring pairs)
 
 
 def as_timeout(value: Any, name: str = "timeout") -> timedelta:
@@ -150,7 +152,7 @@ class Lane(Diagnoses):
         then parks the group. Raises on every failure, naming who and why (see the module).
         """
         self.label = label
-        self.pulse.activate(seq, "a", self.record_key(seq), liveness)
+        self.pulse.activate(seq, "a", liveness)
         # A member inside this operation for a while asks for a second round: a peer that
         # died or froze after its share went through must not let some members pass.
         word = _encode(seq, kind, label, payload, failed, self.pulse.lasted() > POLL_S)
@@ -194,7 +196,7 @@ class Lane(Diagnoses):
 
     def connect(self, seq: int, what: str, limit: timedelta, liveness: float | None) -> None:
         """Create the gloo group under operation ``seq``'s prefix (collective over members)."""
-        self.pulse.activate(seq, "a", f"fail/{seq}", liveness)
+        self.pulse.activate(seq, "a", liveness)
         try:
             self._create(seq, what, limit, liveness)
         finally:
@@ -203,6 +205,10 @@ class Lane(Diagnoses):
     def _create(self, seq: int, what: str, limit: timedelta, liveness: float | None) -> None:
         box: dict[str, Any] = {}
         base, rank, size = self.base, self.rank, self.size
+        short = descriptors_short(rank)
+        if short:  # a clear error on every member, not a socket error on one
+            self.fail(self.publish(seq, {"kind": "resources", "rank": rank, "message": short,
+                                         "what": what}, liveness))
 
         def build() -> None:  # on its own connection: a rendezvous blocks its store client
             try:
@@ -221,6 +227,10 @@ class Lane(Diagnoses):
             if thread.is_alive():
                 return False
             if "error" in box:
+                if "Too many open files" in str(box["error"]):
+                    self.fail(self.publish(seq, {
+                        "kind": "resources", "rank": rank, "what": what,
+                        "message": descriptors_short(rank, _FDS_PER_GROUP * 4)}, liveness))
                 raise RuntimeError(f"Timed out creating the gloo side group: {box['error']}")
             return True
 
@@ -242,6 +252,8 @@ class Lane(Diagnoses):
             try:
                 if done(timedelta(seconds=step)) is not False:
                     return
+            except SideChannelError:  # already a verdict
+                raise
             except RuntimeError as err:  # gloo's verdict: our timeout, or a lost peer
                 if "Timed out" in str(err) or "timeout" in str(err):
                     self._timed_out(seq, what, limit, liveness, err)
@@ -286,6 +298,25 @@ class Lane(Diagnoses):
         if record["kind"] == "timeout":
             record = self._complete(record, key, liveness)
         raise error_from(record, self) from cause
+
+
+def descriptors_short(rank: int, need: int = 0) -> str:
+    """Why this process cannot open a side group's sockets ("" when it can, or cannot tell)."""
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux: gloo's own error will have to do
+        return ""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max(need, _FDS_PER_GROUP)
+    if soft == resource.RLIM_INFINITY or soft - used >= need:
+        return ""
+    wanted = max(used + need * 64, 4096)
+    return (f"rank {rank} cannot open the side channel's sockets: {used} of its {soft} file "
+            f"descriptors (RLIMIT_NOFILE soft limit; hard limit {hard}) are in use and a side "
+            f"group needs about {need} more. Raise the limit before launching (`ulimit -n "
+            f"{wanted}` in the job script, or resource.setrlimit(resource.RLIMIT_NOFILE, "
+            f"({wanted}, hard)) at start-up; above the hard limit it takes the cluster's "
+            "limits.conf / container ulimit settings)")
 
 
 def connect_gloo(store: Any, rank: int, size: int, limit: timedelta) -> Any:

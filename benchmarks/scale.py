@@ -1,0 +1,323 @@
+"""The side channel at many ranks, simulated on one machine: sockets, store load, latency.
+
+    python benchmarks/scale.py                                  # 8, 32, 128, 256 ranks (~10 min)
+    python benchmarks/scale.py --baseline 4be617f               # also the side channel of a commit
+    python benchmarks/scale.py --world-sizes 8 --wait 3 --out /tmp/scale   # smoke run
+
+Each simulated node is one process holding ``--ranks-per-node`` ranks as threads; every rank has
+its own store client, its own side-channel lane (the library's ``Lane`` and ``Pulse``) and its
+own gloo side group, all against one TCPStore served by this process, as under torchrun. Per
+world size it measures:
+
+* the creation of the side group (every rank, from a common start) and the descriptors each
+  rank holds afterwards (``/proc/self/fd`` of the node, divided by its ranks);
+* the latency of an empty side-channel operation (what an empty guard costs), back to back;
+* the store requests per second per node while every rank but rank 0 waits in a guard that
+  rank 0 keeps open for ``--wait`` seconds, in the first 5 s (fast beats) and after; and the
+  mark keys read per second (a request's size);
+
+then extrapolates each to 1,024, 8,192 and 65,536 ranks from the two largest measured sizes
+(linear in the world size; a flat cost stays flat). All ranks share this machine's cores, so
+latencies are upper bounds of a real network's. ``--baseline REF`` runs the same simulation on
+the library of another commit (a temporary ``git worktree``), side by side in one run.
+Writes ``scale.json``, ``scale.md`` and ``scale.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+FAST_WINDOW_S = 5.0  # the pulse beats every 0.5 s for this long, then slows down
+EXTRAPOLATE = (1024, 8192, 65536)
+LIMIT = timedelta(minutes=10)
+
+
+# ------------------------------------------------------------------------------- one node
+class CountingStore:
+    """A store client that counts the requests (and mark keys read) made through it."""
+
+    def __init__(self, store: Any, counts: dict[str, int]) -> None:
+        self._store, self.counts = store, counts
+
+    def _count(self, keys: int = 0) -> None:
+        self.counts["requests"] += 1
+        self.counts["keys"] += keys
+
+    def set(self, key: str, value: Any) -> None:
+        self._count()
+        self._store.set(key, value)
+
+    def get(self, key: str) -> bytes:
+        self._count(1)
+        return bytes(self._store.get(key))
+
+    def check(self, keys: list[str]) -> bool:
+        self._count(len(keys))
+        return bool(self._store.check(keys))
+
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        self._count(len(keys))
+        return list(self._store.multi_get(keys))
+
+    def add(self, key: str, value: int) -> int:
+        self._count()
+        return int(self._store.add(key, value))
+
+    def compare_set(self, key: str, expected: str, desired: str) -> bytes:
+        self._count()
+        return bytes(self._store.compare_set(key, expected, desired))
+
+    def wait(self, keys: list[str], timeout: timedelta) -> None:
+        self._count()  # one request, held by the server until the keys exist
+        self._store.wait(keys, timeout)
+
+    def clone(self) -> CountingStore:
+        return CountingStore(self._store.clone(), self.counts)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def node_main(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import PrefixStore
+
+    from accel_utils._pulse import Mark, Pulse, mark_key
+    from accel_utils.side_channel import Lane
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # as far as allowed
+    world, per = args.world, args.ranks_per_node
+    ranks = range(args.node * per, (args.node + 1) * per)
+    counts = {"requests": 0, "keys": 0}
+    lanes: dict[int, Any] = {}
+    out: dict[str, Any] = {"node": args.node, "creation_s": {}, "op_s": {}}
+    start = threading.Barrier(per + 1)
+
+    def rank_main(rank: int) -> None:
+        client = dist.TCPStore("127.0.0.1", args.port, world, False, timeout=LIMIT)
+        base = PrefixStore("accel_utils/side/scale", client)
+        pulse = Pulse(CountingStore(base.clone(), counts), rank, world, f"scale{rank}")
+        lane = lanes[rank] = Lane("scale", rank, world, frozenset(range(world)), base, pulse)
+        lane.store(lambda s: s.set(mark_key(rank), str(Mark(0, "-", 0))), None)
+        start.wait()
+        start.wait()
+        client.add("arrived", 1)  # a common start across the node processes (polled: a
+        while client.add("arrived", 0) < world:  # store-side wait would skew the start)
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        lane.connect(lane.begin(), "scale", LIMIT, None)
+        out["creation_s"][rank] = time.perf_counter() - t0
+        start.wait()  # fds counted
+        t0 = time.perf_counter()
+        for _ in range(args.ops):
+            lane.run(lane.begin(), "barrier", "", "scale", LIMIT, None)
+        out["op_s"][rank] = (time.perf_counter() - t0) / args.ops
+        start.wait()  # the guard: rank 0 "works", the others wait in the operation
+        if rank == 0:
+            time.sleep(args.wait)
+        lane.run(lane.begin(), "guard", "global", "scale", LIMIT, 30.0)
+
+    before = _open_fds()  # a rank's descriptors: its store clients and its side group
+    threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in ranks]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    start.wait()
+    start.wait()
+    out["fds_per_rank"] = (_open_fds() - before) / per
+    start.wait()
+    samples = [(0.0, dict(counts))]
+    for at in (FAST_WINDOW_S + 0.5, args.wait - 0.5):
+        if at > samples[-1][0]:
+            time.sleep(at - samples[-1][0])
+            samples.append((at, dict(counts)))
+    out["samples"] = samples
+    for thread in threads:
+        thread.join()
+    out["fd_limit"] = [soft, hard]
+    sys.stdout.write("NODE " + json.dumps(out) + "\n")
+    sys.stdout.flush()
+    os._exit(0)  # lanes and groups end with the process
+
+
+# ---------------------------------------------------------------------------- orchestrator
+def simulate(world: int, args: argparse.Namespace, pythonpath: str) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    server = dist.TCPStore("127.0.0.1", 0, world, True, timeout=LIMIT, wait_for_workers=False)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
+    nodes = world // args.ranks_per_node
+    procs = [subprocess.Popen(
+        [sys.executable, __file__, "--node", str(n), "--world", str(world), "--port",
+         str(server.port), "--ranks-per-node", str(args.ranks_per_node), "--ops", str(args.ops),
+         "--wait", str(args.wait)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for n in range(nodes)]
+    reports = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=LIMIT.total_seconds())
+            lines = [ln for ln in stdout.splitlines() if ln.startswith("NODE ")]
+            if proc.returncode != 0 or not lines:
+                raise RuntimeError(f"node failed (rc={proc.returncode}):\n{stderr[-3000:]}")
+            reports.append(json.loads(lines[0][5:]))
+    finally:
+        for proc in procs:
+            proc.kill()
+    return summarize(world, nodes, reports)
+
+
+def summarize(world: int, nodes: int, reports: list[dict[str, Any]]) -> dict[str, Any]:
+    def rate(i: int, j: int, field: str) -> float:  # per node and second, over all nodes
+        total = 0.0
+        for rep in reports:
+            (t0, c0), (t1, c1) = rep["samples"][i], rep["samples"][j]
+            total += (c1[field] - c0[field]) / (t1 - t0)
+        return total / nodes
+
+    last = len(reports[0]["samples"]) - 1
+    return {
+        "world": world,
+        "nodes": nodes,
+        "creation_s": max(max(r["creation_s"].values()) for r in reports),
+        "fds_per_rank": statistics.mean(r["fds_per_rank"] for r in reports),
+        "op_ms": 1e3 * statistics.median(v for r in reports for v in r["op_s"].values()),
+        "store_req_s_per_node_fast": rate(0, 1, "requests"),
+        "store_req_s_per_node_slow": rate(1, last, "requests") if last > 1 else None,
+        "keys_s_per_node_fast": rate(0, 1, "keys"),
+        "keys_s_per_node_slow": rate(1, last, "keys") if last > 1 else None,
+    }
+
+
+METRICS = (("fds_per_rank", "descriptors / rank", "{:.1f}"),
+           ("creation_s", "side-group creation (s)", "{:.2f}"),
+           ("op_ms", "empty operation (ms)", "{:.2f}"),
+           ("store_req_s_per_node_fast", "store req/s per node, first 5 s", "{:.1f}"),
+           ("store_req_s_per_node_slow", "store req/s per node, later", "{:.2f}"),
+           ("keys_s_per_node_slow", "mark keys read/s per node, later", "{:.1f}"))
+
+
+def extrapolate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each metric, linear in the world size through the two largest measured sizes."""
+    if len(rows) < 2:
+        return []
+    a, b = rows[-2], rows[-1]
+    out = []
+    for world in EXTRAPOLATE:
+        row: dict[str, Any] = {"world": world, "extrapolated": True}
+        for key, _, _ in METRICS:
+            if a.get(key) is None or b.get(key) is None:
+                row[key] = None
+                continue
+            slope = (b[key] - a[key]) / (b["world"] - a["world"])
+            row[key] = max(b[key] + slope * (world - b["world"]), 0.0)
+        out.append(row)
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"Side channel at scale ({results['date']}, {results['machine']}; "
+             f"{results['ranks_per_node']} ranks per node, guard held {results['wait_s']} s, "
+             "liveness 30 s; *italic* rows are extrapolated)", ""]
+    for label, rows in results["series"].items():
+        lines += [f"**{label}**", "",
+                  "| ranks | " + " | ".join(name for _, name, _ in METRICS) + " |",
+                  "|---:|" + "---:|" * len(METRICS)]
+        for row in rows:
+            cells = ["-" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in METRICS]
+            world = f"*{row['world']:,}*" if row.get("extrapolated") else f"{row['world']:,}"
+            lines.append(f"| {world} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("fds_per_rank", "store_req_s_per_node_slow", "keys_s_per_node_slow", "op_ms")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
+    for ax, key in zip(axes, keys, strict=True):
+        for label, rows in results["series"].items():
+            pts = [(r["world"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_xlabel("ranks")
+        ax.set_title(dict((k, n) for k, n, _ in METRICS)[key], fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _worktree(ref: str) -> str:
+    path = tempfile.mkdtemp(prefix="accel_utils_baseline_")
+    subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", path, ref], check=True,
+                   capture_output=True)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[8, 32, 128, 256])
+    parser.add_argument("--ranks-per-node", type=int, default=8)
+    parser.add_argument("--ops", type=int, default=20)
+    parser.add_argument("--wait", type=float, default=21.0)
+    parser.add_argument("--baseline", help="a git ref whose side channel runs side by side")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--node", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.node is not None:
+        node_main(args)
+        return
+    variants = {"this tree": REPO}
+    if args.baseline:
+        variants[f"baseline {args.baseline}"] = _worktree(args.baseline)
+    series: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for world in args.world_sizes:
+            for label, tree in variants.items():  # side by side, per world size
+                row = simulate(world, args, tree)
+                series.setdefault(label, []).append(row)
+                print(label, json.dumps(row), flush=True)
+    finally:
+        for label, tree in variants.items():
+            if label != "this tree":
+                subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", tree],
+                               capture_output=True)
+    for rows in series.values():
+        rows += extrapolate(rows)
+    results = {"date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} cores",
+               "ranks_per_node": args.ranks_per_node, "wait_s": args.wait, "series": series}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "scale.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    with open(os.path.join(args.out, "scale.md"), "w") as fh:
+        fh.write(markdown(results))
+    chart(results, os.path.join(args.out, "scale.png"))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
