@@ -92,7 +92,7 @@ class Diagnoses:
     def _complete(self, record: dict[str, Any], key: str,
                   liveness: float | None) -> dict[str, Any]:
         """A timeout record with the ranks its publisher names (one diagnosis for all)."""
-        end = time.monotonic() + _SETTLE_S + _LOST_WAIT_S + 2 * silence_s(liveness)
+        end = time.monotonic() + _SETTLE_S + _LOST_WAIT_S
         while "missing" not in record and time.monotonic() < end:
             time.sleep(0.1)
             record = self.read(key, liveness) or record
@@ -112,7 +112,10 @@ class Diagnoses:
                 self.fail(found, err, liveness)
             time.sleep(0.1)
         missing, _ = self.missing(seq, liveness)  # meanwhile the pulse watched every mark
-        dead = self.pulse.stale(None, silence_s(liveness))  # a live member has beaten since
+        silence, end = silence_s(liveness), time.monotonic() + silence_s(liveness) + POLL_S
+        while self.pulse.wide_for() < silence and time.monotonic() < end:
+            time.sleep(0.1)  # long enough to tell a silent member from a slowly beating one
+        dead = self.pulse.stale(None, silence)  # a live member has beaten since
         self.fail(self.publish(seq, {"kind": "died", "ranks": dead, "missing": missing,
                                      "what": what, "label": self.label,
                                      "message": str(err).split(". This", 1)[0]}, liveness), err)
@@ -138,9 +141,6 @@ class Diagnoses:
         self.post(seq, "a", liveness)
         self.wake(liveness)
         time.sleep(_SETTLE_S)
-        end = time.monotonic() + silence_s(liveness) + POLL_S
-        while self.pulse.wide_for() < silence_s(liveness) and time.monotonic() < end:
-            time.sleep(0.1)  # long enough to tell a silent member from a slowly beating one
         try:
             marks = self.store(lambda s: read_marks(s, range(self.size)), liveness)
         except Exception:  # noqa: BLE001 - the store is gone: nobody can be named

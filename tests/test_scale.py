@@ -31,7 +31,7 @@ def test_per_rank_costs_do_not_grow_with_the_world(tmp_path) -> None:
     small, large = rows[0], rows[1]
     assert (small["world"], large["world"]) == (8, 24)
     # a lazy gloo group: two ring neighbours and the store connections, not world - 1 peers
-    assert large["fds_per_rank"] <= 8, rows
+    assert large["fds_per_rank"] <= 12, rows  # was 30 at 24 ranks (full mesh)
     assert large["fds_per_rank"] <= small["fds_per_rank"] + 1, rows
     # a waiting rank reads its two neighbours' marks, not everyone's: keys per request
     for row in (small, large):
