@@ -167,21 +167,20 @@ class FirstRankPerNode(ContextDecorator):
         Returns:
             False: an exception raised in the block propagates (the seed's contract).
         """
-        exc = exc_val
         entry = self._entries().pop()
         _stack().remove(entry)
         if entry.lane is None or not entry.first:
             return False  # alone, or a waiting rank: its own exception (if any) propagates
         if entry.outer is not None:  # the outer guard reports a failure in here to the others
-            if exc is not None and entry.outer.first:
-                entry.outer.inner_failure = exc
+            if exc_val is not None and entry.outer.first:
+                entry.outer.inner_failure = exc_val
             return False
-        failure = exc if exc is not None else entry.inner_failure
+        failure = exc_val if exc_val is not None else entry.inner_failure
         if failure is None:
             _settle(entry)
             return False
         _report_failure(entry, failure)
-        if exc is None:  # an inner guard's failure that the block caught: stop here anyway
+        if exc_val is None:  # an inner guard's failure that the block caught: stop here anyway
             raise error_from(_record(entry, failure), entry.lane) from failure
         return False
 
