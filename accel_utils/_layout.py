@@ -71,6 +71,23 @@ def accelerate_layout_name(state: Any) -> str:
     return kind
 
 
+def training_arguments_state(handle: Any) -> Any:
+    """The Accelerate state behind a ``transformers.TrainingArguments``; None for anything else.
+
+    Once the Trainer's ``Accelerator`` exists, its ``AcceleratorState`` (the device mesh, the
+    FSDP / DeepSpeed plugin); before that the ``PartialState`` the arguments set up when they
+    were created (``args.distributed_state``, what ``args.main_process_first`` uses). transformers
+    and accelerate are only looked up in ``sys.modules``: arguments exist only once they are.
+    """
+    training_args = sys.modules.get("transformers.training_args")
+    if training_args is None or not isinstance(handle, training_args.TrainingArguments):
+        return None
+    state = sys.modules.get("accelerate.state")
+    if state is not None and state.is_initialized():
+        return state.AcceleratorState()  # a view of the shared state, as accelerate's own helpers
+    return getattr(handle, "distributed_state", None)
+
+
 def is_hsdp(model: nn.Module) -> bool:
     """FSDP2 lays HSDP parameters out as ``(Replicate(), Shard(0), ...)`` on a 2-D+ mesh."""
     layout = dtensor_layout(model)

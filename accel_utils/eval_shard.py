@@ -19,6 +19,7 @@ from accel_utils._layout import (
     accelerate_layout_name,
     deepspeed_stage,
     dtensor_layout,
+    training_arguments_state,
     unwrap_compiled,
 )
 from accel_utils._mesh import NON_DP_DIMS
@@ -43,7 +44,8 @@ _KINDS = {
 }
 
 _ACCEPTED = (
-    "an accelerate.Accelerator, an accelerate.ParallelismConfig, an accelerate.DistributedType, "
+    "an accelerate.Accelerator, a transformers.TrainingArguments, an accelerate.ParallelismConfig, "
+    "an accelerate.DistributedType, "
     "one of the strings 'ddp', 'fsdp', 'fsdp2', 'hsdp', 'deepspeed_zero0'..'deepspeed_zero3', "
     "'megatron_fsdp', 'tp', a torch DeviceMesh, a config object named after one of them "
     "(DDPConfig, FSDP2Config, MegatronFSDPConfig, ...), or the model itself (a torch.nn.Module)"
@@ -67,9 +69,10 @@ def dp_eval_sample_shard(
 
     What ``dp_rank`` / ``dp_size`` mean with each form of ``distributed_config``:
 
-    * an ``Accelerator`` or the model: optional; read from its topology (state, FSDP plugin,
-      DeepSpeed stage, device mesh; DDP process group or DTensor placements) and, when given,
-      checked against it (this rank's index and size of the data-parallel group).
+    * an ``Accelerator``, a ``transformers.TrainingArguments`` (the Trainer's Accelerate state)
+      or the model: optional; read from its topology (state, FSDP plugin, DeepSpeed stage,
+      device mesh; DDP process group or DTensor placements) and, when given, checked against it
+      (this rank's index and size of the data-parallel group).
     * a ``DeviceMesh``: optional, checked like the Accelerator's; the mesh's dimension names say
       the layout (``dp`` / ``dp_replicate`` replicas; ``dp_shard``, ``tp`` and ``cp`` ranks
       score the same samples in lockstep).
@@ -100,13 +103,16 @@ def dp_eval_sample_shard(
         return _from_model(distributed_config, dp_rank, dp_size)
     accelerate = sys.modules.get("accelerate")
     if accelerate is not None:
-        if isinstance(distributed_config, accelerate.Accelerator):
-            topo = resolve(distributed_config)
-            _check(topo, dp_rank, dp_size, "the Accelerator")
-            kind = _named_kind(accelerate_layout_name(distributed_config.state))
-            return _topology_shard(topo, kind)
         if isinstance(distributed_config, accelerate.ParallelismConfig):
             return _from_parallelism_config(distributed_config, dp_rank, dp_size)
+        is_accelerator = isinstance(distributed_config, accelerate.Accelerator)
+        state = (distributed_config.state if is_accelerator
+                 else training_arguments_state(distributed_config))
+        if state is not None:
+            topo = resolve(state)
+            _check(topo, dp_rank, dp_size,
+                   "the Accelerator" if is_accelerator else "the TrainingArguments")
+            return _topology_shard(topo, _named_kind(accelerate_layout_name(state)))
     device_mesh = sys.modules.get("torch.distributed.device_mesh")
     if device_mesh is not None and isinstance(distributed_config, device_mesh.DeviceMesh):
         topo = resolve(distributed_config)

@@ -17,7 +17,7 @@ import threading
 from contextlib import ContextDecorator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from accel_utils._diagnosis import error_from
 from accel_utils.errors import describe
@@ -154,22 +154,35 @@ class FirstRankPerNode(ContextDecorator):
                 raise
         return entry.first
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+    def __exit__(
+        self, exc_type: Any, exc_val: BaseException | None, exc_tb: Any
+    ) -> Literal[False]:
+        """Release the waiting ranks, or report this first rank's failure to them.
+
+        Args:
+            exc_type: the exception's class if the block raised, else None.
+            exc_val: the exception the block raised, else None.
+            exc_tb: its traceback, else None.
+
+        Returns:
+            False: an exception raised in the block propagates (the seed's contract).
+        """
         entry = self._entries().pop()
         _stack().remove(entry)
         if entry.lane is None or not entry.first:
-            return  # alone, or a waiting rank: its own exception (if any) propagates
+            return False  # alone, or a waiting rank: its own exception (if any) propagates
         if entry.outer is not None:  # the outer guard reports a failure in here to the others
-            if exc is not None and entry.outer.first:
-                entry.outer.inner_failure = exc
-            return
-        failure = exc if exc is not None else entry.inner_failure
+            if exc_val is not None and entry.outer.first:
+                entry.outer.inner_failure = exc_val
+            return False
+        failure = exc_val if exc_val is not None else entry.inner_failure
         if failure is None:
             _settle(entry)
-            return
+            return False
         _report_failure(entry, failure)
-        if exc is None:  # an inner guard's failure that the block caught: stop here anyway
+        if exc_val is None:  # an inner guard's failure that the block caught: stop here anyway
             raise error_from(_record(entry, failure), entry.lane) from failure
+        return False
 
     def _order(self, topo: Topology, outer: _Entry | None, limit: timedelta) -> str:
         if self.local != "auto":

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from accel_utils import _mesh
 from accel_utils._cache import IdentityCache
+from accel_utils._layout import training_arguments_state
 from accel_utils._mesh import mesh_groups
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,8 @@ def resolve(handle: Any = None) -> Topology:
 
     Args:
         handle: ``None`` (the default group), an ``accelerate.Accelerator`` or
-            ``accelerate.PartialState``, a ``torch.distributed.ProcessGroup`` or a ``DeviceMesh``.
+            ``accelerate.PartialState``, a ``transformers.TrainingArguments`` (its Accelerate
+            state), a ``torch.distributed.ProcessGroup`` or a ``DeviceMesh``.
 
     Returns:
         The layout for ``handle``; rank 0 of 1 when no process group is initialised.
@@ -180,7 +182,7 @@ def _accelerate_state(handle: Any) -> Any:
         return handle
     if type(handle).__name__ == "AcceleratorState" and hasattr(handle, "num_processes"):
         return handle
-    return None
+    return training_arguments_state(handle)  # None unless a transformers.TrainingArguments
 
 
 def _resolve_uncached(handle: Any, state: Any) -> Topology:
@@ -201,7 +203,8 @@ def _resolve_uncached(handle: Any, state: Any) -> Topology:
         return _from_mesh(handle)
     raise TypeError(
         "expected None, an accelerate.Accelerator, an accelerate.PartialState, a "
-        f"torch.distributed.ProcessGroup or a DeviceMesh; got {type(handle).__name__}"
+        "transformers.TrainingArguments, a torch.distributed.ProcessGroup or a DeviceMesh; "
+        f"got {type(handle).__name__}"
     )
 
 

@@ -39,9 +39,10 @@ GLOBAL_BATCH = 16
 
 
 class SequenceTrainer(ShardedGenerationEvalMixin, Trainer):
-    """A Trainer whose evaluate() also reports ``eval_continuation_accuracy``."""
+    """A Trainer whose evaluate() also reports ``eval_continuation_accuracy``.
 
-    generation_batch_size = 4
+    Generation runs in batches of ``args.per_device_eval_batch_size``, as the loss eval does.
+    """
 
     def generation_step(
         self, model: torch.nn.Module, samples: list[dict], **generate_kwargs

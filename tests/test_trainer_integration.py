@@ -17,8 +17,11 @@ from tests.harness import launch_env, run_commands, run_distributed, run_torchru
 
 
 class _LoopBase:
-    """Stands in for Trainer.evaluation_loop, which the mixin extends (the real Trainer runs in
-    the example test below; here only the mixin's own behaviour is under test)."""
+    """Stands in for Trainer.evaluate / evaluation_loop, which the mixin extends (the real Trainer
+    runs in the tests further down; here only the mixin's own behaviour is under test)."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        return self.evaluation_loop(None, "Evaluation", metric_key_prefix=metric_key_prefix).metrics
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
@@ -29,7 +32,7 @@ class _Evaluator(ShardedGenerationEvalMixin, _LoopBase):
     generation_batch_size = 2
 
     def __init__(self, accelerator, fail_on: int | None = None, short: bool = False) -> None:
-        self.accelerator = accelerator
+        self.accelerator, self.eval_dataset = accelerator, None
         self.model = torch.nn.Linear(2, 2)
         self.fail_on, self.short, self.calls = fail_on, short, []
 
@@ -50,7 +53,7 @@ def _mixin_eval(fsdp2: bool) -> dict:
         acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     ev = _Evaluator(acc)
     ev.generation_samples = list(range(5))
-    metrics = ev.evaluation_loop(None, "Evaluation", metric_key_prefix="eval").metrics
+    metrics = ev.evaluate()
     predicted = ev.evaluation_loop(None, "Prediction", metric_key_prefix="test").metrics
     return {"metrics": metrics, "predicted": predicted, "calls": ev.calls,
             "training": ev.model.training}
@@ -139,3 +142,171 @@ def test_example_under_torchrun_matches_one_process(tmp_path) -> None:
     assert two["eval_continuation_accuracy"] == one["eval_continuation_accuracy"] > 0
     assert two["logged_accuracy"] == two["eval_continuation_accuracy"]
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+
+
+# ------------------------------------------------------------ a real Trainer on 2 gloo processes
+
+
+def _tiny_trainer(output_dir: str, generation_samples, eval_dataset, eval_batch_size: int = 3):
+    """A real transformers.Trainer (tiny Llama) with the mixin; generation results are the
+    samples themselves, so the metric is their mean, and each batch is recorded."""
+    from datasets import Dataset
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    class Recording(ShardedGenerationEvalMixin, Trainer):
+        batches: list
+
+        def generation_step(self, model, samples, **generate_kwargs):
+            self.batches.append(list(samples))
+            return [float(s) for s in samples]
+
+    def rows(n: int) -> Dataset:
+        ids = [[(i + j) % 16 for j in range(4)] for i in range(n)]
+        return Dataset.from_dict({"input_ids": ids, "labels": ids, "attention_mask": [[1] * 4] * n})
+
+    args = TrainingArguments(
+        output_dir=output_dir, use_cpu=True, ddp_backend="gloo", report_to=[],
+        per_device_eval_batch_size=eval_batch_size, disable_tqdm=True,
+        ddp_find_unused_parameters=False, logging_strategy="no", save_strategy="no",
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8)
+    datasets = ({name: rows(n) for name, n in eval_dataset.items()}
+                if isinstance(eval_dataset, dict) else rows(eval_dataset))
+    trainer = Recording(model=LlamaForCausalLM(config), args=args, eval_dataset=datasets,
+                        data_collator=default_data_collator)
+    trainer.batches = []
+    trainer.generation_samples = generation_samples
+    return trainer, rows
+
+
+def _trainer_evaluate(output_dir: str, generation_samples, eval_dataset) -> dict:
+    trainer, rows = _tiny_trainer(output_dir, generation_samples, eval_dataset)
+    metrics = trainer.evaluate()
+    evaluate_batches, trainer.batches = trainer.batches, []
+    predicted = trainer.predict(rows(4)).metrics
+    logged = [sorted(k for k in entry if "generation" in k) for entry in trainer.state.log_history]
+    out = {
+        "metrics": {k: v for k, v in metrics.items() if k.endswith(("_loss", "_score"))},
+        "batches": evaluate_batches,
+        "predict_batches": trainer.batches,
+        "predicted": sorted(k for k in predicted if "generation" in k),
+        "logged": logged,
+    }
+    del trainer
+    return out
+
+
+def test_trainer_evaluate_uses_the_eval_batch_size_and_predict_adds_nothing(tmp_path) -> None:
+    out = run_distributed(_trainer_evaluate, 2, str(tmp_path), list(range(7)), 4, timeout=150)
+    for o in out:
+        assert set(o["metrics"]) == {"eval_loss", "eval_generation_score"}
+        assert o["metrics"]["eval_generation_score"] == 3.0  # mean of 0..6, gathered
+        assert o["predicted"] == [] and o["predict_batches"] == []
+        assert o["logged"] == [["eval_generation_score"]]  # through Trainer.log, once
+    # DDP: disjoint shards of 4 and 3 samples, in batches of per_device_eval_batch_size=3
+    assert out[0]["batches"] == [[0, 1, 2], [3]]
+    assert out[1]["batches"] == [[4, 5, 6]]
+
+
+def test_trainer_dict_eval_dataset_generates_once_per_evaluate(tmp_path) -> None:
+    out = run_distributed(_trainer_evaluate, 2, str(tmp_path), list(range(7)), {"a": 4, "b": 2},
+                          timeout=150)
+    for o in out:
+        # Trainer evaluates each dataset under eval_<name>_; the one sample set is scored once
+        assert set(o["metrics"]) == {"eval_a_loss", "eval_b_loss", "eval_generation_score"}
+        assert o["metrics"]["eval_generation_score"] == 3.0
+        assert o["logged"] == [["eval_generation_score"], []]  # logged with dataset a's metrics
+    assert out[0]["batches"] == [[0, 1, 2], [3]] and out[1]["batches"] == [[4, 5, 6]]
+
+
+def test_trainer_sample_sets_by_dataset_name_get_per_dataset_prefixes(tmp_path) -> None:
+    samples = {"a": list(range(7)), "b": [10, 20], "extra": [5]}
+    out = run_distributed(_trainer_evaluate, 2, str(tmp_path), samples, {"a": 4, "b": 2},
+                          timeout=150)
+    for o in out:
+        assert o["metrics"]["eval_a_generation_score"] == 3.0
+        assert o["metrics"]["eval_b_generation_score"] == 15.0
+        # a set without a dataset of its name: scored once, with the first dataset
+        assert o["metrics"]["eval_extra_generation_score"] == 5.0
+        assert "eval_generation_score" not in o["metrics"]
+        assert o["logged"] == [["eval_a_generation_score", "eval_extra_generation_score"],
+                               ["eval_b_generation_score"]]
+    # every set once: a in batches of 3 over 2 shards, b and extra split over the ranks
+    assert out[0]["batches"] == [[0, 1, 2], [3], [5], [10]]
+    assert out[1]["batches"] == [[4, 5, 6], [20]]  # its part of "extra" is empty
+
+
+def _training_arguments_shard(output_dir: str) -> dict:
+    from accelerate import DistributedType, PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from accel_utils import dp_eval_sample_shard
+
+    trainer, _ = _tiny_trainer(output_dir, None, 4)
+    args = trainer.args
+    ddp = dp_eval_sample_shard(args)
+    checked = dp_eval_sample_shard(args, dist.get_rank(), 2)
+    # CPU stand-in for a Trainer run with FSDP2 (Accelerate ignores FSDP on CPU): set what
+    # AcceleratorState sets on GPUs (its type, mirrored into PartialState's, and its plugin).
+    # The Trainer's state says FSDP, so generation must run in lockstep (None), not sharded.
+    trainer.accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    trainer.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    fsdp = dp_eval_sample_shard(args)
+    del trainer
+    return {"ddp": ddp, "checked": checked, "fsdp": fsdp}
+
+
+def test_dp_eval_sample_shard_accepts_training_arguments(tmp_path) -> None:
+    out = run_distributed(_training_arguments_shard, 2, str(tmp_path), timeout=150)
+    for rank, o in enumerate(out):
+        assert o == {"ddp": (rank, 2), "checked": (rank, 2), "fsdp": None}
+
+
+def _training_arguments_everywhere(output_dir: str, cache: str) -> dict:
+    from transformers import TrainingArguments
+
+    from accel_utils import (
+        FirstRankPerNode,
+        barrier_and_log,
+        gather_sharded_results,
+        reduce_loss,
+        resolve,
+        shard_samples,
+    )
+
+    # before any Trainer exists, as with training_args.main_process_first(...)
+    args = TrainingArguments(output_dir=output_dir, use_cpu=True, ddp_backend="gloo",
+                             report_to=[])
+    topo = resolve(args)
+    with FirstRankPerNode(args) as first:
+        seen = os.path.exists(cache)
+        if first:
+            time.sleep(0.3)
+            with open(cache, "w") as fh:
+                fh.write("built")
+    loss, tokens = reduce_loss([torch.tensor(1.5)], 3, dp_group=args)
+    barrier_and_log("after preprocessing", args)
+    shard = (topo.rank, topo.world_size)
+    gathered = gather_sharded_results([s * 2 for s in shard_samples(range(5), shard)], shard,
+                                      group=args)
+    return {"rank": topo.rank, "size": topo.world_size, "first": first, "seen": seen,
+            "loss": loss.tolist(), "tokens": tokens.tolist(), "gathered": gathered}
+
+
+def test_training_arguments_are_accepted_wherever_a_group_is(tmp_path) -> None:
+    out = run_distributed(_training_arguments_everywhere, 2, str(tmp_path / "out"),
+                          str(tmp_path / "cache.txt"), timeout=120)
+    for rank, o in enumerate(out):
+        assert (o["rank"], o["size"], o["first"]) == (rank, 2, rank == 0)
+        assert o["loss"] == [3.0] and o["tokens"] == [6]
+        assert o["gathered"] == [0, 2, 4, 6, 8]
+    assert [o["seen"] for o in out] == [False, True]  # rank 1 ran its block after rank 0's

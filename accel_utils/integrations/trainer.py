@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -30,13 +31,45 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@dataclass
+class _GenerationPlan:
+    """What one top-level ``evaluate()`` call still has to generate: prefix -> samples."""
+
+    runs: dict[str, Any]
+    loop_prefixes: set[str]  # the metric prefixes of the evaluation loops this call runs
+
+    def due(self, metric_key_prefix: str) -> dict[str, Any]:
+        """The runs for the loop with this prefix (runs matching no loop go with the first)."""
+        due = {prefix: samples for prefix, samples in self.runs.items()
+               if prefix == metric_key_prefix or prefix not in self.loop_prefixes}
+        for prefix in due:
+            del self.runs[prefix]
+        return due
+
+
 class ShardedGenerationEvalMixin:
     """Mix into a ``transformers.Trainer`` subclass, before ``Trainer`` in the bases.
 
-    Set ``generation_samples`` (a list, tuple or ``datasets.Dataset``) and implement
-    :meth:`generation_step` (and, for another metric than the mean, :meth:`generation_metrics`).
-    ``trainer.evaluate()`` then logs ``eval_<name>`` for every generation metric beside
-    ``eval_loss``, through the Trainer's normal logging and callbacks.
+    Set ``generation_samples`` (a list, tuple or ``datasets.Dataset``, or a dict of them by name)
+    and implement :meth:`generation_step` (and, for another metric than the mean,
+    :meth:`generation_metrics`). ``trainer.evaluate()`` then logs ``eval_<name>`` for every
+    generation metric beside ``eval_loss``, through the Trainer's normal logging and callbacks.
+    ``predict()`` and any other use of ``evaluation_loop`` add nothing: the generation eval
+    belongs to ``evaluate()``, which sets a flag for its evaluation loops (as
+    ``Seq2SeqTrainer.evaluate`` hands its generation arguments to ``prediction_step``).
+
+    Following ``Trainer.evaluate``'s conventions for a dict ``eval_dataset`` (one evaluation per
+    dataset, metrics prefixed ``eval_<dataset>_``), each ``evaluate()`` call generates once per
+    sample set:
+
+    * one collection: once per ``evaluate()`` call, named with the call's prefix
+      (``eval_generation_score``), with the first dataset's metrics; not once per dataset.
+    * a dict ``{name: samples}``: set ``name`` is scored in the evaluation of the eval dataset
+      of the same name, named like its metrics (``eval_<name>_generation_score``); a set with no
+      dataset of its name is scored with the first dataset, under the same kind of name.
+
+    Samples are generated for in batches of ``generation_batch_size``, by default the
+    Trainer's ``args.per_device_eval_batch_size``.
 
     Under DDP (and ZeRO-1/2) every rank generates for a disjoint shard of the samples; under
     FSDP, ZeRO-3 or TP every rank generates for all of them in lockstep; under HSDP each replica
@@ -44,7 +77,8 @@ class ShardedGenerationEvalMixin:
     """
 
     generation_samples: Any = None
-    generation_batch_size: int = 8
+    generation_batch_size: int | None = None
+    _generation_plan: _GenerationPlan | None = None
 
     def prepare_dataset(self, build: Callable[[], T], **guard: Any) -> T:
         """Run ``build()`` on the first rank of each node, then on the others.
@@ -71,24 +105,50 @@ class ShardedGenerationEvalMixin:
 
         Pass ``generate_kwargs`` on to ``model.generate``: it holds ``synced_gpus``, which must
         be True where all ranks generate in lockstep and False where they hold different shards.
+
+        Args:
+            model: the model to generate with, in eval mode.
+            samples: one batch of samples from ``generation_samples``.
+            **generate_kwargs: for ``model.generate`` (``synced_gpus``).
+
+        Returns:
+            One result per sample, in order.
         """
         raise NotImplementedError("implement generation_step(model, samples, **generate_kwargs)")
 
     def generation_metrics(self, results: list[Any]) -> dict[str, float]:
         """Metrics from all samples' results (in sample order); default: their mean.
 
-        The default names it ``generation_score``.
+        Args:
+            results: every sample's result, gathered from all ranks.
+
+        Returns:
+            Metric name -> value; the default names the mean ``generation_score``.
         """
         return {"generation_score": float(sum(results) / max(1, len(results)))}
 
-    def generation_evaluate(self, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Score ``generation_samples`` with :meth:`generation_step` on this rank's shard.
+    def generation_evaluate(
+        self, metric_key_prefix: str = "eval", samples: Any = None
+    ) -> dict[str, float]:
+        """Score samples with :meth:`generation_step`, each rank on its shard.
 
-        Every rank returns the same metrics, named ``<metric_key_prefix>_<name>``.
+        Args:
+            metric_key_prefix: prefix of the metric names.
+            samples: what to score; None: ``generation_samples``. A dict of sample sets is
+                scored set by set, each named ``<metric_key_prefix>_<set>_<metric>``.
+
+        Returns:
+            The same metrics on every rank, named ``<metric_key_prefix>_<name>``.
         """
+        samples = self.generation_samples if samples is None else samples
+        if isinstance(samples, dict):
+            named: dict[str, float] = {}
+            for name, part in samples.items():
+                named.update(self.generation_evaluate(f"{metric_key_prefix}_{name}", part))
+            return named
         accelerator = self.accelerator  # type: ignore[attr-defined]
         shard = dp_eval_sample_shard(accelerator)
-        mine = shard_samples(self.generation_samples, shard)
+        mine = shard_samples(samples, shard)
         topo = resolve(accelerator)
         error: BaseException | None = None
         try:
@@ -100,19 +160,22 @@ class ShardedGenerationEvalMixin:
         elif error is not None:
             raise error
         logger.debug("generation eval: shard %s, %d samples here", shard, len(mine))
-        metrics = self.generation_metrics(gather_sharded_results(results, shard, group=accelerator))
+        everything = gather_sharded_results(results, shard, group=accelerator)
+        metrics = self.generation_metrics(everything)
         return {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
 
     def _generate(self, samples: Any, synced: bool) -> list[Any]:
         model = self.model  # type: ignore[attr-defined]  # DDP's inner module; FSDP2 is in place
+        size = self.generation_batch_size
+        if size is None:
+            size = int(self.args.per_device_eval_batch_size)  # type: ignore[attr-defined]
         was_training = model.training
         model.eval()
         results: list[Any] = []
         try:
             with torch.no_grad():
-                for start in range(0, len(samples), self.generation_batch_size):
-                    stop = min(start + self.generation_batch_size, len(samples))
-                    batch = [samples[i] for i in range(start, stop)]
+                for start in range(0, len(samples), size):
+                    batch = [samples[i] for i in range(start, min(start + size, len(samples)))]
                     out = list(self.generation_step(model, batch, synced_gpus=synced))
                     if len(out) != len(batch):
                         raise ValueError(
@@ -123,6 +186,43 @@ class ShardedGenerationEvalMixin:
             model.train(was_training)
         return results
 
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+        **kwargs: Any,
+    ) -> dict[str, float]:
+        """``Trainer.evaluate``, plus the generation metrics (see the class docstring).
+
+        Args:
+            eval_dataset: as ``Trainer.evaluate``: None (``self.eval_dataset``), a dataset, or a
+                dict of them by name.
+            ignore_keys: as ``Trainer.evaluate``.
+            metric_key_prefix: as ``Trainer.evaluate``.
+            **kwargs: passed on (``Seq2SeqTrainer.evaluate``'s generation arguments).
+
+        Returns:
+            ``Trainer.evaluate``'s metrics with the generation metrics added.
+        """
+        evaluate: Callable[..., dict[str, float]] = super().evaluate  # type: ignore[misc]
+        if self._generation_plan is not None or self.generation_samples is None:
+            # Trainer.evaluate calling itself once per dataset of a dict: the outer call planned
+            return evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
+        datasets = eval_dataset
+        if datasets is None:
+            datasets = self.eval_dataset  # type: ignore[attr-defined]
+        samples = self.generation_samples
+        runs = ({f"{metric_key_prefix}_{name}": part for name, part in samples.items()}
+                if isinstance(samples, dict) else {metric_key_prefix: samples})
+        loops = ({f"{metric_key_prefix}_{name}" for name in datasets}
+                 if isinstance(datasets, dict) else {metric_key_prefix})
+        self._generation_plan = _GenerationPlan(runs, loops)
+        try:
+            return evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
+        finally:
+            self._generation_plan = None
+
     def evaluation_loop(
         self,
         dataloader: Any,
@@ -131,13 +231,14 @@ class ShardedGenerationEvalMixin:
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> Any:
-        """Trainer's loop, plus the generation metrics when ``evaluate()`` runs it."""
+        """Trainer's loop, plus the generation metrics due when ``evaluate()`` runs it."""
         output = super().evaluation_loop(  # type: ignore[misc]
             dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
         )
-        # evaluate() passes "Evaluation"; predict() passes "Prediction" and gets no extra metrics
-        if description == "Evaluation" and self.generation_samples is not None:
-            output.metrics.update(self.generation_evaluate(metric_key_prefix))
+        plan = self._generation_plan  # set by evaluate() only: predict() gets no extra metrics
+        if plan is not None:
+            for prefix, samples in plan.due(metric_key_prefix).items():
+                output.metrics.update(self.generation_evaluate(prefix, samples))
         return output
 
 
