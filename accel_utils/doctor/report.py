@@ -14,7 +14,9 @@ from typing import Any
 TRIES = 20  # timed side-channel barriers and all-reduces per rank
 _HIDDEN_VARS = ("MASTER_ADDR", "MASTER_PORT")  # the same on every rank: shown once, in the header
 _LAUNCHER_FIX = (" -> let torchrun / accelerate launch set the rank variables (export none of them "
-                 "by hand) and start the same number of processes on every node")
+                 "by hand) and start the same number of processes on every node; without "
+                 "torchrun (mpirun, srun) export RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and "
+                 "only true values of NODE_RANK / LOCAL_RANK / LOCAL_WORLD_SIZE")
 
 
 # One rank's facts (or timings), as gathered from every rank: JSON-shaped.
