@@ -71,7 +71,8 @@ class Verdict:
         node_of: the node index of each member (group rank order), 0..num_nodes-1.
         local_of: each member's index among the members on its node.
         num_nodes: number of nodes.
-        source: what decided: ``launcher variables (...)`` or :data:`HOST_KEYS`.
+        source: what decided, for the log: ``launcher variables (...)`` or :data:`HOST_KEYS`.
+        by_keys: the node keys (host name and address) decided the nodes.
         rejected: why launcher variables that were set were not used (empty if none).
         collisions: host names shared by hosts that the addresses tell apart.
     """
@@ -80,6 +81,7 @@ class Verdict:
     local_of: tuple[int, ...]
     num_nodes: int
     source: str
+    by_keys: bool
     rejected: tuple[str, ...] = ()
     collisions: tuple[str, ...] = ()
 
@@ -140,19 +142,19 @@ def decide(facts: Sequence[NodeFacts], whole_world: bool) -> Verdict:
     rejected: list[str] = []
     usable = not whole_world or _describes_world(facts, rejected)
     node_of = _nodes_from_claims(facts, whole_world, rejected) if usable else None
-    var = next((f.node_var for f in facts if f.node_var), "NODE_RANK")
-    sources = [var] if node_of is not None else []
+    by_keys = node_of is None
     if node_of is None:
         node_of = _numbered([f.key for f in facts])
     local_of = _local_claims(facts, node_of, rejected) if whole_world and usable else None
-    if local_of is not None:
-        sources.append("LOCAL_RANK")
+    var = next((f.node_var for f in facts if f.node_var), "NODE_RANK")
+    if by_keys:
+        source = HOST_KEYS + (", local ranks from LOCAL_RANK" if local_of is not None else "")
     else:
+        source = f"launcher variables ({var}{', LOCAL_RANK' if local_of is not None else ''})"
+    if local_of is None:
         local_of = _positions(node_of)
-    source = f"launcher variables ({', '.join(sources)})" if sources else HOST_KEYS
-    collisions = _collisions(facts)
-    return Verdict(tuple(node_of), tuple(local_of), len(set(node_of)), source, tuple(rejected),
-                   tuple(collisions))
+    return Verdict(tuple(node_of), tuple(local_of), len(set(node_of)), source, by_keys,
+                   tuple(rejected), tuple(_collisions(facts)))
 
 
 def _describes_world(facts: Sequence[NodeFacts], rejected: list[str]) -> bool:

@@ -369,10 +369,13 @@ def _layout_from_gather(group: dist.ProcessGroup) -> NodeLayout:
                  "%d of %d)%s", me, len(facts), verdict.source, layout.node_rank,
                  layout.num_nodes, layout.local_rank, layout.local_world_size, rejected)
     if me == 0 and verdict.rejected:
+        hint = (" (an Accelerator or PartialState built before accel_utils was imported writes "
+                "LOCAL_RANK=0 / LOCAL_WORLD_SIZE=1 on launches without torchrun: import "
+                "accel_utils first)" if any("LOCAL_" in r for r in verdict.rejected) else "")
         logger.warning("launcher variables set at import are inconsistent with the process "
-                       "group and were not used (%s); node identity comes from %s",
-                       "; ".join(verdict.rejected), verdict.source)
-    if me == 0 and verdict.collisions and verdict.source == _nodes.HOST_KEYS:
+                       "group and were not used (%s); node identity comes from %s%s",
+                       "; ".join(verdict.rejected), verdict.source, hint)
+    if me == 0 and verdict.collisions and verdict.by_keys:
         logger.warning(
             "%s: they count as different nodes, told apart by the address each uses to reach "
             "the rendezvous. Give every host its own host name, or export LOCAL_RANK, "

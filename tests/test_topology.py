@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from accel_utils._nodes import HOST_KEYS, NodeFacts, decide
 from accel_utils.topology import NodeLayout, Topology, resolve
@@ -367,7 +369,7 @@ def test_decide_node_claims_spanning_hosts_are_rejected() -> None:
              for r, n in enumerate([0, 1, 0, 1])]
     verdict = decide(facts, whole_world=True)
     assert verdict.node_of == (0, 1, 0, 1) and verdict.local_of == (0, 0, 1, 1)
-    assert verdict.source == HOST_KEYS
+    assert verdict.source == HOST_KEYS and verdict.by_keys
     assert "NODE_RANK=0 is claimed from 2 hosts" in verdict.rejected[0]
     assert verdict.collisions == ("host name 'h' is used by 2 hosts (10.0.0.0, 10.0.0.1)",)
 
@@ -379,7 +381,7 @@ def test_decide_claims_may_split_one_host() -> None:
     verdict = decide(facts, whole_world=True)
     assert verdict.node_of == (0, 0, 1, 1) and verdict.local_of == (0, 1, 0, 1)
     assert verdict.source == "launcher variables (GROUP_RANK, LOCAL_RANK)"
-    assert verdict.rejected == () and verdict.collisions == ()
+    assert verdict.rejected == () and verdict.collisions == () and not verdict.by_keys
 
 
 def test_decide_uneven_and_round_robin_without_claims() -> None:
@@ -388,6 +390,12 @@ def test_decide_uneven_and_round_robin_without_claims() -> None:
     robin = decide([_facts(f"h{n}", f"10.0.0.{n}") for n in (0, 1, 0, 1)], whole_world=True)
     assert (robin.node_of, robin.local_of, robin.num_nodes) == ((0, 1, 0, 1), (0, 0, 1, 1), 2)
     assert robin.source == HOST_KEYS and robin.rejected == ()
+    # LOCAL_RANK from an MPI recipe, ranks round robin: nodes from the keys, local ranks claimed
+    facts = [_facts(f"h{n}", f"10.0.0.{n}", rank=r, world=4, local_rank=r // 2, local_size=2)
+             for r, n in enumerate((0, 1, 0, 1))]
+    claimed = decide(facts, whole_world=True)
+    assert (claimed.node_of, claimed.local_of) == ((0, 1, 0, 1), (0, 0, 1, 1))
+    assert claimed.by_keys and claimed.source == HOST_KEYS + ", local ranks from LOCAL_RANK"
 
 
 def test_decide_rejects_claims_of_another_launch_and_partial_claims() -> None:
@@ -412,3 +420,25 @@ def test_decide_subgroup_renumbers_claimed_nodes() -> None:
     verdict = decide(facts, whole_world=False)
     assert verdict.node_of == (0, 1) and verdict.local_of == (0, 0)
     assert verdict.source == "launcher variables (GROUP_RANK)"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=12), st.booleans(), st.booleans(),
+       st.booleans())
+def test_decide_gives_each_node_exactly_one_local_rank_0(placement, node_rank, polluted,
+                                                           twins) -> None:
+    # any placement of ranks on hosts; NODE_RANK true or unset; LOCAL_RANK=0 /
+    # LOCAL_WORLD_SIZE=1 everywhere (Accelerate's writes) or unset; all hosts named alike or not
+    order = list(dict.fromkeys(placement))  # the true nodes, numbered by their lowest rank
+    facts = [_facts("twin" if twins else f"h{n}", f"10.0.0.{n}", rank=r, world=len(placement),
+                    node=order.index(n) if node_rank else None,
+                    node_var="NODE_RANK" if node_rank else None,
+                    local_rank=0 if polluted else None, local_size=1 if polluted else None)
+             for r, n in enumerate(placement)]
+    verdict = decide(facts, whole_world=True)
+    assert verdict.node_of == tuple(order.index(n) for n in placement)
+    assert verdict.num_nodes == len(order)
+    for node in range(len(order)):
+        members = [r for r, n in enumerate(verdict.node_of) if n == node]
+        assert [verdict.local_of[r] for r in members] == list(range(len(members)))
+    assert bool(verdict.collisions) == (twins and len(order) > 1)
