@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from datetime import timedelta
 
 import accel_utils  # first: the launcher's variables are read here, before Accelerate runs
@@ -49,7 +50,9 @@ def main() -> None:
         dist.init_process_group("gloo", timeout=timedelta(seconds=60))
         handle = None
     topo = accel_utils.resolve(handle)
+    start = time.perf_counter()
     nodes = topo.nodes
+    nodes_ms = (time.perf_counter() - start) * 1e3  # recorded for reports, never asserted
     where = os.path.join(os.environ["BED_LOCAL_DIR"], tag)
     os.makedirs(where, exist_ok=True)
     with accel_utils.FirstRankPerNode(handle, local=True, timeout=timedelta(seconds=60)) as first:
@@ -68,6 +71,7 @@ def main() -> None:
         "markers": sorted(os.listdir(where)),
         "environ": {k: os.environ.get(k) for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK")},
         "log": keep.messages,
+        "nodes_ms": nodes_ms,
     }
     sys.stdout.write("RESULT " + json.dumps(out) + "\n")
     sys.stdout.flush()
