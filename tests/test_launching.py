@@ -117,6 +117,25 @@ def test_manual_launch(cluster, placement, node_rank, accelerator) -> None:
 
 
 @pytest.mark.timeout(HARD_TIMEOUT + 30)
+@pytest.mark.parametrize("node_rank", [False, True], ids=["bare", "node_rank"])
+def test_accelerator_built_before_accel_utils_is_imported(cluster, node_rank) -> None:
+    """The variables Accelerate wrote are all accel-utils ever saw: the consistency check (local
+    ranks 0..n-1, LOCAL_WORLD_SIZE = n on each node) rejects them, and rank 0 says so."""
+    job = cluster.launch(WORKER, ["late", "--accelerator", "--late-import"],
+                         placement=UNEVEN, launcher_vars=False, node_rank=node_rank,
+                         timeout=HARD_TIMEOUT)
+    results = job.wait()
+    report = job.describe()
+    assert not job.timed_out, "hard timeout\n" + report
+    assert [r.returncode for r in results] == [0] * 4, report
+    outs = [r.results()[0] for r in results]
+    _assert_identity_and_one_first_per_node(outs, UNEVEN, report)
+    warning = [m for m in outs[0]["log"] if m.startswith("WARNING")]
+    assert warning and "LOCAL_WORLD_SIZE says 1" in warning[0], report
+    assert "import accel_utils first" in warning[0], report
+
+
+@pytest.mark.timeout(HARD_TIMEOUT + 30)
 @pytest.mark.parametrize("accelerator", [False, True], ids=["plain", "accelerator"])
 def test_duplicate_host_names_are_two_nodes(cluster, accelerator) -> None:
     """Both hosts are called "twin" (cloned images, containers): addresses tell them apart."""

@@ -1,11 +1,13 @@
 """A worker for tests/test_launching.py: node identity and one first rank per node, on the bed.
 
-Usage: launch_worker.py TAG [--accelerator]
+Usage: launch_worker.py TAG [--accelerator] [--late-import]
 
 ``--accelerator`` builds ``Accelerator(cpu=True)`` (which joins the process group and, under a
 launch without torchrun, writes LOCAL_RANK=0 / LOCAL_WORLD_SIZE=1 into os.environ) before
 anything asks accel-utils for the topology; without it the script joins with
-``init_process_group("gloo")``. Then it resolves its node identity and runs one
+``init_process_group("gloo")``. ``--late-import`` imports accel_utils only after that (a script
+that builds its Accelerator first: the variables Accelerate wrote are what accel-utils reads).
+Then it resolves its node identity and runs one
 ``FirstRankPerNode(local=True)`` block; a rank that runs it first writes its rank into the
 node-local directory ``$BED_LOCAL_DIR/TAG`` (a tmpfs per node).
 
@@ -22,7 +24,8 @@ import sys
 import time
 from datetime import timedelta
 
-import accel_utils  # first: the launcher's variables are read here, before Accelerate runs
+if "--late-import" not in sys.argv:
+    import accel_utils  # noqa: F401 - first: the launcher's variables are read here
 
 
 class _Keep(logging.Handler):
@@ -49,6 +52,7 @@ def main() -> None:
 
         dist.init_process_group("gloo", timeout=timedelta(seconds=60))
         handle = None
+    import accel_utils  # with --late-import: only now, after Accelerate wrote its variables
     topo = accel_utils.resolve(handle)
     start = time.perf_counter()
     nodes = topo.nodes
