@@ -12,6 +12,7 @@ this snapshot, never ``os.environ``. Standard library only: importing it costs n
 from __future__ import annotations
 
 import os
+import sys
 
 # Launcher variables (torchrun, accelerate launch, mpirun / srun recipes) that identify a
 # process's place in the job; the doctor shows these.
@@ -26,11 +27,8 @@ LAUNCHER_VARIABLES = (
     "MASTER_ADDR",
     "MASTER_PORT",
 )
-# Set by torchrun's agent only (never by Accelerate, rarely by hand): its presence in the
-# snapshot says that torchrun assigned the variables above from its rendezvous.
-TORCHRUN_MARKER = "TORCHELASTIC_RUN_ID"
-
 _snapshot: dict[str, str] = {}
+_accelerate_first: list[bool] = [False]  # an Accelerate state existed when the snapshot was taken
 
 
 def take_snapshot() -> None:
@@ -40,14 +38,24 @@ def take_snapshot() -> None:
     harness's pooled workers); a job's processes never call it.
     """
     _snapshot.clear()
-    for name in (*LAUNCHER_VARIABLES, TORCHRUN_MARKER):
+    for name in LAUNCHER_VARIABLES:
         value = os.environ.get(name)
         if value is not None:
             _snapshot[name] = value
+    # imported after an Accelerator / PartialState was built: LOCAL_* may be Accelerate's
+    state = sys.modules.get("accelerate.state")
+    shared = getattr(getattr(state, "PartialState", None), "_shared_state", None)
+    _accelerate_first[0] = bool(shared)
+
+
+def accelerate_came_first() -> bool:
+    """An Accelerate state existed when the snapshot was taken, so ``LOCAL_RANK`` /
+    ``LOCAL_WORLD_SIZE`` in it may be Accelerate's own (they must be checked, not trusted)."""
+    return _accelerate_first[0]
 
 
 def snapshot() -> dict[str, str]:
-    """The variables (launcher ones and torchrun's marker) that were set at import."""
+    """The launcher variables that were set at import."""
     return dict(_snapshot)
 
 

@@ -98,11 +98,11 @@ class Topology:
     def nodes(self) -> NodeLayout:
         """Node identity of this process within ``group``; computed on first use, then cached.
 
-        From torchrun's variables where its agent set them for ``group`` (no collective); else
-        from one gather of every member's launcher variables (as they were at ``import
-        accel_utils``) and node key (host name and address toward the rendezvous): variables
-        consistent with the group win, the node keys decide otherwise. See
-        :func:`node_layout`.
+        From the launcher's variables where they describe the whole layout of ``group``
+        (torchrun, accelerate launch: no collective); else from one gather of every member's
+        launcher variables (as they were at ``import accel_utils``) and node key (host name
+        and address toward the rendezvous): variables consistent with the group win, the node
+        keys decide otherwise. See :func:`node_layout`.
         """
         return node_layout(self.group)
 
@@ -298,11 +298,12 @@ def _from_accelerate(state: Any) -> Topology:
 def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
     """Node identity of this process within ``group`` (see :attr:`Topology.nodes`).
 
-    Under torchrun (its agent set the variables before this process started): from its
-    variables, without a collective. Otherwise every member contributes its launcher claims and
-    its node key (host name and address toward the rendezvous) to one ``all_gather_object``,
-    and every member decides from the same list (:func:`accel_utils._nodes.decide`): claims that
-    are consistent with the group win, else the node keys. Once per group; cached.
+    Where the launcher described the whole layout (torchrun, accelerate launch: see
+    :func:`_layout_from_launcher`): from its variables, without a collective. Otherwise every
+    member contributes its launcher claims and its node key (host name and address toward the
+    rendezvous) to one ``all_gather_object``, and every member decides from the same list
+    (:func:`accel_utils._nodes.decide`): claims that are consistent with the group win, else the
+    node keys. Once per group; cached.
     """
     if group is None or not dist.is_initialized():
         return NodeLayout()
@@ -311,7 +312,7 @@ def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
     if hit is not None:
         return hit
     _log_changed_variables()
-    layout = _layout_from_torchrun(group) or _layout_from_gather(group)
+    layout = _layout_from_launcher(group) or _layout_from_gather(group)
     _layouts.put(group, layout)
     return layout
 
@@ -327,27 +328,30 @@ def _log_changed_variables() -> None:
                       for name, (then, now) in changed.items()))
 
 
-def _layout_from_torchrun(group: dist.ProcessGroup) -> NodeLayout | None:
-    """torchrun's variables, where its agent set them and they describe ``group``.
+def _layout_from_launcher(group: dist.ProcessGroup) -> NodeLayout | None:
+    """The launcher's complete description of the default group, without a collective.
 
-    The agent assigns LOCAL_RANK / GROUP_RANK from its rendezvous, so they are unique and dense
-    per node by construction: checking that across ranks would cost a collective on the most
-    common path. Set by hand (no agent), or for another group, they are checked instead.
+    Complete: LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK (or NODE_RANK) and GROUP_WORLD_SIZE, as
+    torchrun and accelerate launch set them, read at import and consistent with the group as
+    far as one rank can tell (RANK and WORLD_SIZE are the group's, indices within their sizes).
+    Anything less (NODE_RANK alone, as mpirun / srun recipes export it), or LOCAL_* read after
+    Accelerate may have written them, is checked against every member in the gather instead.
     """
-    if _launcher.get(_launcher.TORCHRUN_MARKER) is None:
-        return None
     world, rank = dist.get_world_size(), dist.get_rank()
-    if dist.get_world_size(group) != world:
-        return None  # a subgroup: its members' nodes must be gathered
+    if dist.get_world_size(group) != world or _launcher.accelerate_came_first():
+        return None  # a subgroup's members must be gathered; Accelerate's LOCAL_* checked
     get = _launcher.get_int
     local_rank, local_size = get("LOCAL_RANK"), get("LOCAL_WORLD_SIZE")
-    node_rank, num_nodes = get("GROUP_RANK"), get("GROUP_WORLD_SIZE")
+    var = "GROUP_RANK" if get("GROUP_RANK") is not None else "NODE_RANK"
+    node_rank, num_nodes = get(var), get("GROUP_WORLD_SIZE")
     if (local_rank is None or local_size is None or node_rank is None or num_nodes is None
             or get("RANK") != rank or get("WORLD_SIZE") != world
-            or not 0 <= local_rank < local_size <= world or not 0 <= node_rank < num_nodes):
+            or not 0 <= local_rank < local_size <= world
+            or not 0 <= node_rank < num_nodes <= world):
         return None
-    logger.debug("node identity of rank %d: from torchrun's variables (node %d of %d, local "
-                 "rank %d of %d)", rank, node_rank, num_nodes, local_rank, local_size)
+    logger.debug("node identity of rank %d: from launcher variables (%s, GROUP_WORLD_SIZE, "
+                 "LOCAL_RANK, LOCAL_WORLD_SIZE; complete, no gather): node %d of %d, local rank "
+                 "%d of %d", rank, var, node_rank, num_nodes, local_rank, local_size)
     return NodeLayout(node_rank, num_nodes, local_rank, local_size)
 
 

@@ -323,17 +323,25 @@ def _count_gathers_for_nodes() -> dict:
             "gathers": len(calls)}
 
 
-def test_hand_set_launcher_variables_are_checked_in_one_gather() -> None:
-    # torchrun-like variables without torchrun's agent: checked against the group, and the check
-    # is the one gather of node keys (no second collective), once per group
+def test_complete_launcher_variables_need_no_gather() -> None:
+    # LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK and GROUP_WORLD_SIZE describe the whole layout
     out = run_distributed(_count_gathers_for_nodes, 4, nodes=2)
+    assert [o["node"] for o in out] == [(0, 2, 0, 2), (0, 2, 1, 2), (1, 2, 0, 2), (1, 2, 1, 2)]
+    assert [o["gathers"] for o in out] == [0] * 4
+
+
+def test_partial_launcher_variables_are_checked_in_one_gather() -> None:
+    # an srun-style recipe: node index and local ranks but no node count. Checked against the
+    # group, and the check is the one gather of node keys (no second collective), per group
+    out = run_distributed(_count_gathers_for_nodes, 4, nodes=2, env={"GROUP_WORLD_SIZE": None})
     assert [o["node"] for o in out] == [(0, 2, 0, 2), (0, 2, 1, 2), (1, 2, 0, 2), (1, 2, 1, 2)]
     assert [o["gathers"] for o in out] == [1] * 4
 
 
 def test_inconsistent_launcher_variables_are_not_used() -> None:
     # LOCAL_WORLD_SIZE=3 exported for 2 processes per node: rejected, positions decide
-    out = run_distributed(_count_gathers_for_nodes, 4, nodes=2, env={"LOCAL_WORLD_SIZE": "3"})
+    env = {"LOCAL_WORLD_SIZE": "3", "GROUP_WORLD_SIZE": None}
+    out = run_distributed(_count_gathers_for_nodes, 4, nodes=2, env=env)
     assert [o["node"] for o in out] == [(0, 2, 0, 2), (0, 2, 1, 2), (1, 2, 0, 2), (1, 2, 1, 2)]
     assert [o["gathers"] for o in out] == [1] * 4
 
