@@ -1,8 +1,10 @@
 """Where the parallel layout lives: one frozen dataclass and the resolver that builds it.
 
 Every feature of accel-utils asks :func:`resolve` for a :class:`Topology` instead of deriving
-ranks, nodes or groups itself. This module and its two siblings are the only readers of
-launcher environment variables and of Accelerate / DeviceMesh / model-layout internals:
+ranks, nodes or groups itself. This module and its siblings are the only readers of launcher
+environment variables and of Accelerate / DeviceMesh / model-layout internals:
+:mod:`accel_utils._launcher` (the launcher's variables, read at ``import accel_utils`` before
+Accelerate can write its own), :mod:`accel_utils._nodes` (which node each member runs on),
 :mod:`accel_utils._mesh` (a mesh's groups by dimension name) and :mod:`accel_utils._layout`
 (what a model's wrappers and DTensor placements, or an Accelerate state, say).
 """
@@ -10,8 +12,6 @@ launcher environment variables and of Accelerate / DeviceMesh / model-layout int
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,25 +19,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from accel_utils import _mesh
+from accel_utils import _launcher, _mesh, _nodes
 from accel_utils._cache import IdentityCache
+from accel_utils._launcher import LAUNCHER_VARIABLES
 from accel_utils._layout import training_arguments_state
 from accel_utils._mesh import mesh_groups
 
 logger = logging.getLogger(__name__)
 
-# Launcher variables (torchrun, accelerate launch) that identify a process's node.
-LAUNCHER_VARIABLES = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "GROUP_WORLD_SIZE",
-    "NODE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
 
 @dataclass(frozen=True)
 class NodeLayout:
@@ -110,8 +99,11 @@ class Topology:
     def nodes(self) -> NodeLayout:
         """Node identity of this process within ``group``; computed on first use, then cached.
 
-        From the launcher's variables where they describe ``group`` (the default group under
-        torchrun or accelerate launch), else by gathering one node key per member (once).
+        From the launcher's variables where they describe the whole layout of ``group``
+        (torchrun, accelerate launch: no collective); else from one gather of every member's
+        launcher variables (as they were at ``import accel_utils``) and node key (host name
+        and address toward the rendezvous): variables consistent with the group win, the node
+        keys decide otherwise. See :func:`node_layout`.
         """
         return node_layout(self.group)
 
@@ -123,8 +115,13 @@ def single_process() -> Topology:
 
 
 def launcher_env() -> dict[str, str]:
-    """The launcher variables this process sees (only those that are set)."""
-    return {name: os.environ[name] for name in LAUNCHER_VARIABLES if name in os.environ}
+    """The launcher variables as the launcher set them (only those that are set).
+
+    Read once, at ``import accel_utils`` (see :mod:`accel_utils._launcher`): values that an
+    Accelerate object wrote into ``os.environ`` afterwards are not the launcher's.
+    """
+    snap = _launcher.snapshot()
+    return {name: snap[name] for name in LAUNCHER_VARIABLES if name in snap}
 
 
 # Caches are only valid for one default group: a new init_process_group starts them afresh.
@@ -302,52 +299,93 @@ def _from_accelerate(state: Any) -> Topology:
 
 
 def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
-    """Node identity of this process within ``group`` (see :attr:`Topology.nodes`)."""
+    """Node identity of this process within ``group`` (see :attr:`Topology.nodes`).
+
+    Where the launcher described the whole layout (torchrun, accelerate launch: see
+    :func:`_layout_from_launcher`): from its variables, without a collective. Otherwise every
+    member contributes its launcher claims and its node key (host name and address toward the
+    rendezvous) to one ``all_gather_object``, and every member decides from the same list
+    (:func:`accel_utils._nodes.decide`): claims that are consistent with the group win, else the
+    node keys. Once per group; cached.
+    """
     if group is None or not dist.is_initialized():
         return NodeLayout()
     _fresh_caches()
     hit: NodeLayout | None = _layouts.get(group)
     if hit is not None:
         return hit
-    layout = _layout_from_env(group) or _layout_from_gather(group)
+    _log_changed_variables()
+    layout = _layout_from_launcher(group) or _layout_from_gather(group)
     _layouts.put(group, layout)
     return layout
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value is not None and value.strip().lstrip("-").isdigit() else None
+def _log_changed_variables() -> None:
+    changed = _launcher.changed_since_import()
+    if changed:
+        logger.debug(
+            "launcher variables changed after accel_utils was imported (%s; Accelerate writes "
+            "LOCAL_RANK / LOCAL_WORLD_SIZE under launches without torchrun): using the values "
+            "from the launch",
+            ", ".join(f"{name}: {then or 'unset'} -> {now or 'unset'}"
+                      for name, (then, now) in changed.items()))
 
 
-def _layout_from_env(group: dist.ProcessGroup) -> NodeLayout | None:
-    # The launcher describes the default group only; a subgroup's members must be gathered.
-    if dist.get_world_size(group) != dist.get_world_size():
+def _layout_from_launcher(group: dist.ProcessGroup) -> NodeLayout | None:
+    """The launcher's complete description of the default group, without a collective.
+
+    Complete: LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK (or NODE_RANK) and GROUP_WORLD_SIZE, as
+    torchrun and accelerate launch set them, read at import and consistent with the group as
+    far as one rank can tell (RANK and WORLD_SIZE are the group's, indices within their sizes).
+    Anything less (NODE_RANK alone, as mpirun / srun recipes export it), or LOCAL_* read after
+    Accelerate may have written them, is checked against every member in the gather instead.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if dist.get_world_size(group) != world or _launcher.accelerate_came_first():
+        return None  # a subgroup's members must be gathered; Accelerate's LOCAL_* checked
+    get = _launcher.get_int
+    local_rank, local_size = get("LOCAL_RANK"), get("LOCAL_WORLD_SIZE")
+    var = "GROUP_RANK" if get("GROUP_RANK") is not None else "NODE_RANK"
+    node_rank, num_nodes = get(var), get("GROUP_WORLD_SIZE")
+    if (local_rank is None or local_size is None or node_rank is None or num_nodes is None
+            or get("RANK") != rank or get("WORLD_SIZE") != world
+            or not 0 <= local_rank < local_size <= world
+            or not 0 <= node_rank < num_nodes <= world):
         return None
-    local_rank, local_size = _env_int("LOCAL_RANK"), _env_int("LOCAL_WORLD_SIZE")
-    node_rank = _env_int("GROUP_RANK")
-    node_rank = node_rank if node_rank is not None else _env_int("NODE_RANK")
-    if local_rank is None or local_size is None or node_rank is None or local_size < 1:
-        return None
-    num_nodes = _env_int("GROUP_WORLD_SIZE") or max(1, dist.get_world_size() // local_size)
+    logger.debug("node identity of rank %d: from launcher variables (%s, GROUP_WORLD_SIZE, "
+                 "LOCAL_RANK, LOCAL_WORLD_SIZE; complete, no gather): node %d of %d, local rank "
+                 "%d of %d", rank, var, node_rank, num_nodes, local_rank, local_size)
     return NodeLayout(node_rank, num_nodes, local_rank, local_size)
 
 
-def node_key() -> str:
-    """What identifies this process's node: the launcher's node index, else the host name."""
-    node_rank = _env_int("GROUP_RANK")
-    node_rank = node_rank if node_rank is not None else _env_int("NODE_RANK")
-    return f"node{node_rank}" if node_rank is not None else socket.gethostname()
-
-
 def _layout_from_gather(group: dist.ProcessGroup) -> NodeLayout:
-    keys: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(keys, node_key(), group=group)
-    mine = keys[dist.get_rank(group)]
-    order = list(dict.fromkeys(keys))  # nodes numbered by their lowest member rank
-    peers = [r for r, key in enumerate(keys) if key == mine]
-    return NodeLayout(
-        node_rank=order.index(mine),
-        num_nodes=len(order),
-        local_rank=peers.index(dist.get_rank(group)),
-        local_world_size=len(peers),
+    facts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(facts, _nodes.local_facts(), group=group)
+    me = dist.get_rank(group)
+    verdict = _nodes.decide(facts, whole_world=len(facts) == dist.get_world_size())
+    node = verdict.node_of[me]
+    layout = NodeLayout(
+        node_rank=node,
+        num_nodes=verdict.num_nodes,
+        local_rank=verdict.local_of[me],
+        local_world_size=verdict.node_of.count(node),
     )
+    rejected = f"; launcher variables not used: {'; '.join(verdict.rejected)}" \
+        if verdict.rejected else ""
+    logger.debug("node identity of rank %d in a group of %d: from %s (node %d of %d, local rank "
+                 "%d of %d)%s", me, len(facts), verdict.source, layout.node_rank,
+                 layout.num_nodes, layout.local_rank, layout.local_world_size, rejected)
+    if me == 0 and verdict.rejected:
+        hint = (" (an Accelerator or PartialState built before accel_utils was imported writes "
+                "LOCAL_RANK=0 / LOCAL_WORLD_SIZE=1 on launches without torchrun: import "
+                "accel_utils first)" if any("LOCAL_" in r for r in verdict.rejected) else "")
+        logger.warning("launcher variables set at import are inconsistent with the process "
+                       "group and were not used (%s); node identity comes from %s%s",
+                       "; ".join(verdict.rejected), verdict.source, hint)
+    if me == 0 and verdict.collisions and verdict.by_keys:
+        logger.warning(
+            "%s: they count as different nodes, told apart by the address each uses to reach "
+            "the rendezvous. Give every host its own host name, or export LOCAL_RANK, "
+            "LOCAL_WORLD_SIZE and NODE_RANK on every process, so that node identity does not "
+            "rest on addresses.", "; ".join(verdict.collisions))
+    return layout

@@ -79,10 +79,10 @@ class ProcResult:
 class Job:
     """Processes started by :meth:`Cluster.launch`: one ``sh`` per node, outputs in files."""
 
-    def __init__(self, cluster: Cluster, procs_per_node: int, rundir: str,
+    def __init__(self, cluster: Cluster, placement: list[int], rundir: str,
                  popens: list[subprocess.Popen], timeout: float) -> None:
         self.cluster = cluster
-        self.procs_per_node = procs_per_node
+        self.placement = placement  # placement[rank] = the node that rank runs on
         self.rundir = rundir
         self.popens = popens
         self.deadline = time.monotonic() + timeout
@@ -90,7 +90,7 @@ class Job:
 
     @property
     def world_size(self) -> int:
-        return self.cluster.nodes * self.procs_per_node
+        return len(self.placement)
 
     def output(self, rank: int) -> str:
         try:
@@ -143,9 +143,8 @@ class Job:
         return self.results()
 
     def results(self) -> list[ProcResult]:
-        per = self.procs_per_node
-        return [ProcResult(r, r // per, self.returncode(r), self.output(r))
-                for r in range(self.world_size)]
+        return [ProcResult(r, node, self.returncode(r), self.output(r))
+                for r, node in enumerate(self.placement)]
 
     def kill(self) -> None:
         for popen in self.popens:
@@ -251,42 +250,60 @@ class Cluster:
 
     # -- launching ----------------------------------------------------------------------------
     def launch(self, script: str, args: list[str] | None = None, *, procs_per_node: int = 2,
-               timeout: float = 120.0, launcher_vars: bool = True,
+               timeout: float = 120.0, launcher_vars: bool = True, node_rank: bool = False,
+               placement: list[int] | None = None, hostnames: list[str] | None = None,
                env: dict[str, str] | None = None) -> Job:
-        """Start ``procs_per_node`` ``python script args`` per node, torchrun-like variables set.
+        """Start ``python script args`` for every rank, torchrun-like variables set.
 
-        Ranks are numbered node by node. ``launcher_vars=False`` sets only RANK, WORLD_SIZE,
-        MASTER_ADDR and MASTER_PORT (a bare launcher: node identity must come from host names).
-        Each process also gets GLOO_SOCKET_IFNAME, BED_LOCAL_DIR and BED_SHARED_DIR. The job is
-        killed at ``timeout`` by :meth:`Job.wait` (a hard timeout), and at teardown anyway.
+        Ranks are numbered node by node, ``procs_per_node`` on each, unless ``placement`` says
+        which node each rank runs on (``[0, 0, 0, 1]``: 3 + 1; ``[0, 1, 0, 1]``: round robin).
+        ``launcher_vars=False`` sets only RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (a bare
+        launcher, as mpirun / srun recipes: node identity must come from the ranks themselves);
+        ``launcher_vars=True`` adds LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK and
+        GROUP_WORLD_SIZE as torchrun sets them. ``node_rank=True`` exports NODE_RANK (the node's
+        index) on every rank, as many SLURM and mpirun recipes do. ``hostnames[i]`` is node i's
+        host name (default ``node<i>``; two nodes may share one). Each process also gets
+        GLOO_SOCKET_IFNAME, BED_LOCAL_DIR and BED_SHARED_DIR. The job is killed at ``timeout``
+        by :meth:`Job.wait` (a hard timeout), and at teardown anyway.
         """
+        if placement is None:
+            placement = [node for node in range(self.nodes) for _ in range(procs_per_node)]
+        if not placement or any(not 0 <= node < self.nodes for node in placement):
+            raise ValueError(f"placement {placement}: nodes are 0..{self.nodes - 1}")
+        hostnames = hostnames or [f"node{i}" for i in range(self.nodes)]
+        if len(hostnames) != self.nodes:
+            raise ValueError(f"{len(hostnames)} host names for {self.nodes} nodes")
         self._runs += 1
         rundir = os.path.join(self.shared_dir, f".run{self._runs}")
         os.makedirs(rundir)
-        world = self.nodes * procs_per_node
+        world = len(placement)
         base_env = launch_env(**(env or {}))
         base_env.update(GLOO_SOCKET_IFNAME=NODE_IF, BED_LOCAL_DIR=self.local_dir,
                         BED_SHARED_DIR=self.shared_dir)
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                    "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                    "GROUP_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
             base_env.pop(key, None)
         popens = []
         try:
             for node in range(self.nodes):
+                ranks = [r for r, where in enumerate(placement) if where == node]
                 starts = []
-                for local in range(procs_per_node):
-                    rank = node * procs_per_node + local
+                for local, rank in enumerate(ranks):
                     vars_ = {"RANK": rank, "WORLD_SIZE": world, "MASTER_ADDR": self.addrs[0],
                              "MASTER_PORT": MASTER_PORT}
                     if launcher_vars:
-                        vars_.update(LOCAL_RANK=local, LOCAL_WORLD_SIZE=procs_per_node,
+                        vars_.update(LOCAL_RANK=local, LOCAL_WORLD_SIZE=len(ranks),
                                      GROUP_RANK=node, GROUP_WORLD_SIZE=self.nodes)
+                    if node_rank:
+                        vars_.update(NODE_RANK=node)
                     cmd = ["env", *(f"{k}={v}" for k, v in vars_.items()), sys.executable,
                            script, *(args or [])]
                     out = shlex.quote(os.path.join(rundir, f"out{rank}"))
                     rc = shlex.quote(os.path.join(rundir, f"rc{rank}"))
                     starts.append(f"( {shlex.join(cmd)} >{out} 2>&1; echo $? >{rc} ) &")
-                inner = (f"hostname node{node} && mount -t tmpfs tmpfs "
+                if not starts:
+                    continue
+                inner = (f"hostname {shlex.quote(hostnames[node])} && mount -t tmpfs tmpfs "
                          f"{shlex.quote(self.local_dir)} && {{ {' '.join(starts)} wait; }}")
                 popens.append(subprocess.Popen(
                     ["ip", "netns", "exec", self.node_ns[node], "unshare", "--uts", "--mount",
@@ -297,7 +314,7 @@ class Cluster:
             for popen in popens:
                 os.killpg(popen.pid, signal.SIGKILL)
             raise
-        job = Job(self, procs_per_node, rundir, popens, timeout)
+        job = Job(self, list(placement), rundir, popens, timeout)
         self._jobs.append(job)
         return job
 

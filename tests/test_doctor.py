@@ -154,3 +154,54 @@ def test_bad_arguments_exit_2(argv: list[str], capsys) -> None:
         main(argv)
     assert exc.value.code == 2
     assert "usage: accel-utils-doctor" in capsys.readouterr().err
+
+
+def _accelerate_check_environ() -> dict:
+    from accelerate import PartialState
+
+    from accel_utils.doctor import _accelerate_facts
+
+    before = dict(os.environ)
+    facts = _accelerate_facts("cpu")
+    after_doctor = dict(os.environ)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh state, as in a new process
+    PartialState(cpu=True)  # the same call outside the doctor: it does write (the test's premise)
+    return {"facts": facts, "unchanged": after_doctor == before,
+            "plain_writes": {k: os.environ.get(k) for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}}
+
+
+def test_accelerate_check_leaves_the_environment_alone() -> None:
+    from tests.harness import run_distributed
+
+    # a launch without torchrun: RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT only
+    bare = {"LOCAL_RANK": None, "LOCAL_WORLD_SIZE": None, "GROUP_RANK": None,
+            "GROUP_WORLD_SIZE": None}
+    out = run_distributed(_accelerate_check_environ, 2, env=bare)
+    for rank, o in enumerate(out):
+        assert o["unchanged"], o
+        assert o["facts"]["process_index"] == rank and o["facts"]["num_processes"] == 2
+        assert o["plain_writes"] == {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+
+
+def _rows_for_accelerate(launcher: dict[str, str] | None) -> list[dict]:
+    rows = []
+    for rank in range(4):
+        env = {"RANK": str(rank), "WORLD_SIZE": "4", **(launcher or {})}
+        rows.append({"rank": rank, "local_rank": rank % 2, "accelerate": {
+            "call": "PartialState(cpu=True)", "type": "MULTI_CPU", "num_processes": 4,
+            "process_index": rank, "local_process_index": 0}, "launcher": env})
+    return rows
+
+
+def test_accelerate_local_index_without_local_rank_is_a_warning() -> None:
+    from accel_utils.doctor.report import Report, check_accelerate
+
+    check = check_accelerate(_rows_for_accelerate(None))
+    assert check.status == "WARN"
+    assert "rank(s) 1, 3" in check.message and "local_main_process_first" in check.message
+    assert Report(checks=[check]).exit_code == 0
+    # where the launcher did set LOCAL_RANK, Accelerate disagreeing with it is a problem
+    lying = check_accelerate(_rows_for_accelerate({"LOCAL_RANK": "0"}))
+    assert lying.status == "PROBLEM"

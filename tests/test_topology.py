@@ -10,7 +10,10 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from accel_utils._nodes import HOST_KEYS, NodeFacts, decide
 from accel_utils.topology import NodeLayout, Topology, resolve
 from tests.harness import launch_env, run_distributed, run_torchrun
 
@@ -257,3 +260,193 @@ def test_all_lists_every_export() -> None:
 
     # __all__ is a literal list for type checkers; it must stay in step with the lazy table
     assert sorted(accel_utils.__all__) == sorted([*accel_utils._EXPORTS, "logger", "__version__"])
+
+
+# ----------------------------------------------------------------------------- launches without
+# torchrun: the launcher's variables are read at import; Accelerate's writes do not count
+
+
+def _partial_state_then_nodes() -> dict:
+    import os
+
+    from accelerate import PartialState
+
+    records: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = _Keep(logging.DEBUG)
+    topo_logger = logging.getLogger("accel_utils.topology")
+    topo_logger.addHandler(handler)
+    topo_logger.setLevel(logging.DEBUG)
+    try:
+        state = PartialState(cpu=True)  # writes LOCAL_RANK=0 / LOCAL_WORLD_SIZE=1 (no torchrun)
+        nodes = resolve(state).nodes
+    finally:
+        topo_logger.removeHandler(handler)
+        topo_logger.setLevel(logging.NOTSET)
+    return {"node": (nodes.node_rank, nodes.num_nodes, nodes.local_rank, nodes.local_world_size),
+            "environ": (os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE")),
+            "log": records}
+
+
+def test_partial_state_writing_local_rank_does_not_split_nodes() -> None:
+    # 2 simulated nodes x 2 on one host; the launcher set RANK / WORLD_SIZE and the node index
+    # (GROUP_RANK, as NODE_RANK would be) only. On main this resolved 4 nodes of 1 rank.
+    env = {"LOCAL_RANK": None, "LOCAL_WORLD_SIZE": None, "GROUP_WORLD_SIZE": None}
+    out = run_distributed(_partial_state_then_nodes, 4, nodes=2, env=env)
+    assert [o["environ"] for o in out] == [("0", "1")] * 4  # what Accelerate wrote
+    assert [o["node"] for o in out] == [(0, 2, 0, 2), (0, 2, 1, 2), (1, 2, 0, 2), (1, 2, 1, 2)]
+    for o in out:
+        assert any("changed after accel_utils was imported" in m and "LOCAL_RANK: unset -> 0" in m
+                   for m in o["log"]), o["log"]
+        assert any("from launcher variables (GROUP_RANK)" in m for m in o["log"]), o["log"]
+
+
+def _count_gathers_for_nodes() -> dict:
+    calls = []
+    real = dist.all_gather_object
+
+    def counting(*args, **kwargs):  # counts calls; the real collective runs
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    dist.all_gather_object = counting
+    try:
+        nodes = resolve().nodes
+        resolve().nodes  # noqa: B018 - cached: no second gather
+    finally:
+        dist.all_gather_object = real
+    return {"node": (nodes.node_rank, nodes.num_nodes, nodes.local_rank, nodes.local_world_size),
+            "gathers": len(calls)}
+
+
+def test_complete_launcher_variables_need_no_gather() -> None:
+    # LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK and GROUP_WORLD_SIZE describe the whole layout
+    out = run_distributed(_count_gathers_for_nodes, 4, nodes=2)
+    assert [o["node"] for o in out] == [(0, 2, 0, 2), (0, 2, 1, 2), (1, 2, 0, 2), (1, 2, 1, 2)]
+    assert [o["gathers"] for o in out] == [0] * 4
+
+
+def test_partial_launcher_variables_are_checked_in_one_gather() -> None:
+    # an srun-style recipe: node index and local ranks but no node count. Checked against the
+    # group, and the check is the one gather of node keys (no second collective), per group
+    out = run_distributed(_count_gathers_for_nodes, 4, nodes=2, env={"GROUP_WORLD_SIZE": None})
+    assert [o["node"] for o in out] == [(0, 2, 0, 2), (0, 2, 1, 2), (1, 2, 0, 2), (1, 2, 1, 2)]
+    assert [o["gathers"] for o in out] == [1] * 4
+
+
+def test_inconsistent_launcher_variables_are_not_used() -> None:
+    # LOCAL_WORLD_SIZE=3 exported for 2 processes per node: rejected, positions decide
+    env = {"LOCAL_WORLD_SIZE": "3", "GROUP_WORLD_SIZE": None}
+    out = run_distributed(_count_gathers_for_nodes, 4, nodes=2, env=env)
+    assert [o["node"] for o in out] == [(0, 2, 0, 2), (0, 2, 1, 2), (1, 2, 0, 2), (1, 2, 1, 2)]
+    assert [o["gathers"] for o in out] == [1] * 4
+
+
+def test_torchrun_variables_need_no_gather() -> None:
+    runs = run_torchrun(["tests/scripts/report_topology.py", "count_gathers"], nnodes=2,
+                        nproc_per_node=2)
+    rows = _rows(runs)
+    assert [(r["node_rank"], r["num_nodes"], r["local_rank"], r["local_world_size"])
+            for r in rows] == [(0, 2, 0, 2), (0, 2, 1, 2), (1, 2, 0, 2), (1, 2, 1, 2)]
+    assert [r["gathers"] for r in rows] == [0] * 4
+
+
+def _facts(host: str, address: str | None = "10.0.0.1", **claims) -> NodeFacts:
+    return NodeFacts(host=host, address=address, **claims)
+
+
+def test_decide_polluted_local_claims_fall_back_to_positions() -> None:
+    # NODE_RANK per node, but LOCAL_RANK=0 / LOCAL_WORLD_SIZE=1 everywhere (as Accelerate
+    # writes them, had accel_utils been imported after the Accelerator)
+    facts = [_facts(f"h{n}", f"10.0.0.{n}", rank=r, world=4, node=n, node_var="NODE_RANK",
+                    local_rank=0, local_size=1) for r, n in enumerate([0, 0, 1, 1])]
+    verdict = decide(facts, whole_world=True)
+    assert verdict.node_of == (0, 0, 1, 1) and verdict.local_of == (0, 1, 0, 1)
+    assert verdict.source == "launcher variables (NODE_RANK)"
+    assert "LOCAL_RANK [0, 0], not 0..1" in verdict.rejected[0]
+    assert "LOCAL_WORLD_SIZE says 1" in verdict.rejected[0]
+
+
+def test_decide_node_claims_spanning_hosts_are_rejected() -> None:
+    # NODE_RANK=0 exported on every host by mistake: the addresses tell the hosts apart
+    facts = [_facts("h", f"10.0.0.{n}", rank=r, world=4, node=0, node_var="NODE_RANK")
+             for r, n in enumerate([0, 1, 0, 1])]
+    verdict = decide(facts, whole_world=True)
+    assert verdict.node_of == (0, 1, 0, 1) and verdict.local_of == (0, 0, 1, 1)
+    assert verdict.source == HOST_KEYS and verdict.by_keys
+    assert "NODE_RANK=0 is claimed from 2 hosts" in verdict.rejected[0]
+    assert verdict.collisions == ("host name 'h' is used by 2 hosts (10.0.0.0, 10.0.0.1)",)
+
+
+def test_decide_claims_may_split_one_host() -> None:
+    # torchrun --nnodes 2 twice on one host (the tests' simulated nodes): claims win
+    facts = [_facts("vm", "127.0.0.1", rank=r, world=4, node=r // 2, node_var="GROUP_RANK",
+                    num_nodes=2, local_rank=r % 2, local_size=2) for r in range(4)]
+    verdict = decide(facts, whole_world=True)
+    assert verdict.node_of == (0, 0, 1, 1) and verdict.local_of == (0, 1, 0, 1)
+    assert verdict.source == "launcher variables (GROUP_RANK, LOCAL_RANK)"
+    assert verdict.rejected == () and verdict.collisions == () and not verdict.by_keys
+
+
+def test_decide_uneven_and_round_robin_without_claims() -> None:
+    uneven = decide([_facts(f"h{n}", f"10.0.0.{n}") for n in (0, 0, 0, 1)], whole_world=True)
+    assert (uneven.node_of, uneven.local_of, uneven.num_nodes) == ((0, 0, 0, 1), (0, 1, 2, 0), 2)
+    robin = decide([_facts(f"h{n}", f"10.0.0.{n}") for n in (0, 1, 0, 1)], whole_world=True)
+    assert (robin.node_of, robin.local_of, robin.num_nodes) == ((0, 1, 0, 1), (0, 0, 1, 1), 2)
+    assert robin.source == HOST_KEYS and robin.rejected == ()
+    # LOCAL_RANK from an MPI recipe, ranks round robin: nodes from the keys, local ranks claimed
+    facts = [_facts(f"h{n}", f"10.0.0.{n}", rank=r, world=4, local_rank=r // 2, local_size=2)
+             for r, n in enumerate((0, 1, 0, 1))]
+    claimed = decide(facts, whole_world=True)
+    assert (claimed.node_of, claimed.local_of) == ((0, 1, 0, 1), (0, 0, 1, 1))
+    assert claimed.by_keys and claimed.source == HOST_KEYS + ", local ranks from LOCAL_RANK"
+
+
+def test_decide_rejects_claims_of_another_launch_and_partial_claims() -> None:
+    # RANK / WORLD_SIZE at import are not this group's: none of the claims describe it
+    other = [_facts("h", rank=r + 4, world=8, node=0, node_var="NODE_RANK") for r in range(2)]
+    verdict = decide(other, whole_world=True)
+    assert verdict.source == HOST_KEYS and "describe another launch" in verdict.rejected[0]
+    partial = [_facts("h", rank=0, world=2, node=0, node_var="NODE_RANK"),
+               _facts("h", rank=1, world=2)]
+    verdict = decide(partial, whole_world=True)
+    assert verdict.source == HOST_KEYS and "NODE_RANK is unset on rank(s) 1" in verdict.rejected
+    # non-dense node indices
+    sparse = [_facts(f"h{n}", f"10.0.0.{n}", node=n, node_var="NODE_RANK") for n in (0, 2)]
+    verdict = decide(sparse, whole_world=True)
+    assert verdict.node_of == (0, 1) and "values [0, 2] are not 0..1" in verdict.rejected[0]
+
+
+def test_decide_subgroup_renumbers_claimed_nodes() -> None:
+    # ranks 1 and 3 of a 2 x 2 launch: each its node's only member of the subgroup
+    facts = [_facts("vm", node=n, node_var="GROUP_RANK", local_rank=1, local_size=2)
+             for n in (0, 1)]
+    verdict = decide(facts, whole_world=False)
+    assert verdict.node_of == (0, 1) and verdict.local_of == (0, 0)
+    assert verdict.source == "launcher variables (GROUP_RANK)"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=12), st.booleans(), st.booleans(),
+       st.booleans())
+def test_decide_gives_each_node_exactly_one_local_rank_0(placement, node_rank, polluted,
+                                                           twins) -> None:
+    # any placement of ranks on hosts; NODE_RANK true or unset; LOCAL_RANK=0 /
+    # LOCAL_WORLD_SIZE=1 everywhere (Accelerate's writes) or unset; all hosts named alike or not
+    order = list(dict.fromkeys(placement))  # the true nodes, numbered by their lowest rank
+    facts = [_facts("twin" if twins else f"h{n}", f"10.0.0.{n}", rank=r, world=len(placement),
+                    node=order.index(n) if node_rank else None,
+                    node_var="NODE_RANK" if node_rank else None,
+                    local_rank=0 if polluted else None, local_size=1 if polluted else None)
+             for r, n in enumerate(placement)]
+    verdict = decide(facts, whole_world=True)
+    assert verdict.node_of == tuple(order.index(n) for n in placement)
+    assert verdict.num_nodes == len(order)
+    for node in range(len(order)):
+        members = [r for r, n in enumerate(verdict.node_of) if n == node]
+        assert [verdict.local_of[r] for r in members] == list(range(len(members)))
+    assert bool(verdict.collisions) == (twins and len(order) > 1)

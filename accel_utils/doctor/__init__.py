@@ -23,7 +23,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -54,6 +55,21 @@ def _path_facts(path: str | None) -> Row | None:
     return {"writable": error is None, "free_bytes": shutil.disk_usage(path).free, "error": error}
 
 
+@contextmanager
+def _environ_kept() -> Iterator[None]:
+    """Undo whatever the block writes into ``os.environ`` (Accelerate writes launcher variables:
+    the doctor's other checks must see the launch, not what its own Accelerate check wrote)."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in [n for n in os.environ if n not in before]:
+            del os.environ[name]
+        for name, value in before.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
+
+
 def _accelerate_facts(mode: str) -> Row:
     if mode == "off":
         return {"skip": "--accelerate off"}
@@ -64,7 +80,8 @@ def _accelerate_facts(mode: str) -> Row:
     cpu = mode == "cpu" or (mode == "auto" and not torch.cuda.is_available())
     call = f"PartialState(cpu={cpu})"
     try:
-        state = PartialState(cpu=cpu)
+        with _environ_kept():
+            state = PartialState(cpu=cpu)
     except Exception as exc:  # noqa: BLE001 - the doctor reports what Accelerate raised
         return {"call": call, "error": f"{type(exc).__name__}: {exc}"}
     return {
@@ -108,7 +125,7 @@ def _row(topo: topology.Topology, args: argparse.Namespace) -> Row:
 
 
 def _init_group(timeout: timedelta) -> None:
-    env = topology.launcher_env()
+    env = topology.launcher_env()  # as the launcher set them (read at import)
     if "WORLD_SIZE" not in env:  # one plain process
         return
     backend = "gloo"

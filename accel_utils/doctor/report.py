@@ -14,7 +14,9 @@ from typing import Any
 TRIES = 20  # timed side-channel barriers and all-reduces per rank
 _HIDDEN_VARS = ("MASTER_ADDR", "MASTER_PORT")  # the same on every rank: shown once, in the header
 _LAUNCHER_FIX = (" -> let torchrun / accelerate launch set the rank variables (export none of them "
-                 "by hand) and start the same number of processes on every node")
+                 "by hand) and start the same number of processes on every node; without "
+                 "torchrun (mpirun, srun) export RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and "
+                 "only true values of NODE_RANK / LOCAL_RANK / LOCAL_WORLD_SIZE")
 
 
 # One rank's facts (or timings), as gathered from every rank: JSON-shaped.
@@ -23,7 +25,8 @@ Row = dict[str, Any]
 
 @dataclass
 class Check:
-    """One verdict: ``status`` is ``OK``, ``PROBLEM`` or ``SKIP``; ``message`` says what to do."""
+    """One verdict: ``status`` is ``OK``, ``WARN`` (a hazard that does not fail the launch),
+    ``PROBLEM`` or ``SKIP``; ``message`` says what to do."""
 
     name: str
     status: str
@@ -111,6 +114,19 @@ def check_accelerate(rows: list[Row]) -> Check:
     if not bad:
         return Check("accelerate", "OK", f"{first['call']} agrees with torch.distributed on every "
                      f"rank ({first['type']}, {world} process(es))")
+    local_only = [r for r in bad if "error" not in r["accelerate"] and (
+        r["accelerate"]["num_processes"], r["accelerate"]["process_index"]) == (world, r["rank"])]
+    if len(local_only) == len(bad) and not any("LOCAL_RANK" in r["launcher"] for r in rows):
+        # a launch without LOCAL_RANK (mpirun / srun recipes): Accelerate falls back to 0
+        ranks = ", ".join(str(r["rank"]) for r in bad)
+        return Check("accelerate", "WARN", f"{first['call']} agrees with torch.distributed on "
+                     f"ranks and process count ({first['type']}, {world} process(es)), but the "
+                     "launcher set no LOCAL_RANK, so its local_process_index is wrong on "
+                     f"rank(s) {ranks} (it falls back to 0): Accelerate's "
+                     "is_local_main_process and local_main_process_first() treat them as their "
+                     "node's first rank -> guard "
+                     "node-local work with accel_utils.FirstRankPerNode (node identity checked "
+                     "as above), or export LOCAL_RANK and LOCAL_WORLD_SIZE on every process")
     facts = bad[0]["accelerate"]
     said = facts.get("error") or (f"{facts['num_processes']} process(es), process index "
                                   f"{facts['process_index']} ({facts['type']})")

@@ -1,4 +1,8 @@
-"""Print this rank's resolved topology as one JSON line (run under torchrun by the tests)."""
+"""Print this rank's resolved topology as one JSON line (run under torchrun by the tests).
+
+Usage: report_topology.py [group|accelerator|count_gathers]; ``count_gathers`` also reports how
+many ``all_gather_object`` calls finding the node identity took.
+"""
 
 import json
 import sys
@@ -8,6 +12,7 @@ import torch.distributed as dist
 from accel_utils.topology import resolve
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "group"
+gathers = []
 if mode == "accelerator":
     from accelerate import Accelerator
 
@@ -15,6 +20,14 @@ if mode == "accelerator":
 else:
     dist.init_process_group("gloo")
     handle = None
+if mode == "count_gathers":
+    real = dist.all_gather_object
+
+    def counting(*args, **kwargs):  # counts calls; the real collective runs
+        gathers.append(1)
+        return real(*args, **kwargs)
+
+    dist.all_gather_object = counting
 topo = resolve(handle)
 nodes = topo.nodes
 # one write per line: ranks share the launcher's stdout pipe
@@ -31,6 +44,7 @@ sys.stdout.write(
             "device": str(topo.device),
             "dp_size": topo.dp_size,
             "backend": topo.backend,
+            "gathers": len(gathers),
         }
     )
     + "\n"
