@@ -16,10 +16,11 @@ world size it measures:
   rank 0 keeps open for ``--wait`` seconds, in the first 5 s (fast beats) and after; and the
   mark keys read per second (a request's size);
 
-then extrapolates each to 1,024, 8,192 and 65,536 ranks from the two largest measured sizes
-(linear in the world size; a flat cost stays flat). All ranks share this machine's cores, so
-latencies are upper bounds of a real network's. ``--baseline REF`` runs the same simulation on
-the library of another commit (a temporary ``git worktree``), side by side in one run.
+then extrapolates each to 1,024, 8,192 and 65,536 ranks as ``c * world**k`` through the two
+largest measured sizes (the table gives ``k``: ~0 is flat, ~1 grows with the world). All ranks
+share this machine's cores, so latencies are upper bounds of a real network's. ``--baseline REF``
+runs the same simulation on the library of another commit (a temporary ``git worktree``), side
+by side in one run; ``--render JSON`` redraws the outputs of a run.
 Writes ``scale.json``, ``scale.md`` and ``scale.png`` under ``--out``.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import resource
 import statistics
@@ -213,19 +215,26 @@ METRICS = (("fds_per_rank", "descriptors / rank", "{:.1f}"),
 
 
 def extrapolate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each metric, linear in the world size through the two largest measured sizes."""
-    if len(rows) < 2:
-        return []
-    a, b = rows[-2], rows[-1]
+    """Each metric as ``c * world**k`` through the two largest measured sizes.
+
+    ``k`` is how a cost grows: ~0 flat, ~1 linear in the world. (The smaller sizes run in one
+    or a few processes, which skews a fit through all of them.) A zero cannot be extrapolated.
+    """
+    fits = {}
+    for key, _, _ in METRICS:
+        pts = [(math.log(r["world"]), math.log(r[key])) for r in rows[-2:]
+               if r.get(key) is not None and r[key] > 0]
+        if len(pts) == 2 and pts[0][0] != pts[1][0]:
+            k = (pts[1][1] - pts[0][1]) / (pts[1][0] - pts[0][0])
+            fits[key] = (k, pts[1][1] - k * pts[1][0])
     out = []
     for world in EXTRAPOLATE:
         row: dict[str, Any] = {"world": world, "extrapolated": True}
         for key, _, _ in METRICS:
-            if a.get(key) is None or b.get(key) is None:
-                row[key] = None
-                continue
-            slope = (b[key] - a[key]) / (b["world"] - a["world"])
-            row[key] = max(b[key] + slope * (world - b["world"]), 0.0)
+            k_c = fits.get(key)
+            row[key] = None if k_c is None else math.exp(k_c[1]) * world ** k_c[0]
+            if k_c is not None:
+                row[f"{key}_exponent"] = k_c[0]
         out.append(row)
     return out
 
@@ -242,7 +251,10 @@ def markdown(results: dict[str, Any]) -> str:
             cells = ["-" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in METRICS]
             world = f"*{row['world']:,}*" if row.get("extrapolated") else f"{row['world']:,}"
             lines.append(f"| {world} | " + " | ".join(cells) + " |")
-        lines.append("")
+        fitted = next((r for r in rows if r.get("extrapolated")), {})
+        lines += ["| growth k (cost ~ world^k) | " + " | ".join(
+            "-" if fitted.get(f"{k}_exponent") is None else f"{fitted[f'{k}_exponent']:.2f}"
+            for k, _, _ in METRICS) + " |", ""]
     return "\n".join(lines)
 
 
@@ -284,12 +296,17 @@ def main() -> None:
     parser.add_argument("--wait", type=float, default=21.0)
     parser.add_argument("--baseline", help="a git ref whose side channel runs side by side")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--render", metavar="JSON", help="only redraw the outputs of a run")
     parser.add_argument("--node", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.node is not None:
         node_main(args)
+        return
+    if args.render:
+        with open(args.render) as fh:
+            write(json.load(fh), args.out)
         return
     variants = {"this tree": REPO}
     if args.baseline:
@@ -306,16 +323,22 @@ def main() -> None:
             if label != "this tree":
                 subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", tree],
                                capture_output=True)
-    for rows in series.values():
-        rows += extrapolate(rows)
-    results = {"date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} cores",
-               "ranks_per_node": args.ranks_per_node, "wait_s": args.wait, "series": series}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "scale.json"), "w") as fh:
+    write({"date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} cores",
+           "ranks_per_node": args.ranks_per_node, "wait_s": args.wait, "series": series},
+          args.out)
+
+
+def write(results: dict[str, Any], out: str) -> None:
+    """scale.json, scale.md and scale.png under ``out``, extrapolations made anew."""
+    for label, rows in results["series"].items():
+        measured = [r for r in rows if not r.get("extrapolated")]
+        results["series"][label] = measured + extrapolate(measured)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "scale.json"), "w") as fh:
         json.dump(results, fh, indent=1)
-    with open(os.path.join(args.out, "scale.md"), "w") as fh:
+    with open(os.path.join(out, "scale.md"), "w") as fh:
         fh.write(markdown(results))
-    chart(results, os.path.join(args.out, "scale.png"))
+    chart(results, os.path.join(out, "scale.png"))
     print(markdown(results))
 
 
