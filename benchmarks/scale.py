@@ -267,12 +267,16 @@ def chart(results: dict[str, Any], path: str) -> None:
     keys = ("fds_per_rank", "store_req_s_per_node_slow", "keys_s_per_node_slow", "op_ms")
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
     for ax, key in zip(axes, keys, strict=True):
-        for label, rows in results["series"].items():
-            pts = [(r["world"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+        for (label, rows), color in zip(results["series"].items(), ("C0", "C1"), strict=False):
+            pts = [(r["world"], r[key], r.get("extrapolated", False)) for r in rows
+                   if r.get(key)]
+            measured = [(w, v) for w, v, extra in pts if not extra]
+            if measured:  # measured points solid, extrapolations dashed from the last one
+                ax.plot(*zip(*measured, strict=True), marker="o", color=color, label=label)
+                ahead = [measured[-1]] + [(w, v) for w, v, extra in pts if extra]
+                ax.plot(*zip(*ahead, strict=True), marker="x", linestyle="--", color=color)
         ax.set_xscale("log", base=2)
-        ax.set_yscale("symlog", linthresh=1)
+        ax.set_yscale("log")
         ax.set_xlabel("ranks")
         ax.set_title(dict((k, n) for k, n, _ in METRICS)[key], fontsize=9)
         ax.grid(alpha=0.3)
