@@ -21,6 +21,7 @@ longer than ``POLL_S``, :class:`~accel_utils._pulse.Pulse` beats and watches the
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -302,11 +303,13 @@ class Lane(Diagnoses):
 
 def descriptors_short(rank: int, need: int = 0) -> str:
     """Why this process cannot open a side group's sockets ("" when it can, or cannot tell)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         used = len(os.listdir("/proc/self/fd"))
-    except OSError:  # not Linux: gloo's own error will have to do
-        return ""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except OSError as exc:  # no descriptor left to list them; or not Linux: gloo will say
+        if exc.errno != errno.EMFILE:
+            return ""
+        used = soft
     need = max(need, _FDS_PER_GROUP)
     if soft == resource.RLIM_INFINITY or soft - used >= need:
         return ""

@@ -6,6 +6,7 @@ benchmarks/scale.py, which runs real lanes and gloo groups (ranks as threads, 8 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -16,7 +17,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from accel_utils import FirstRankPerNode, SideChannelError, barrier_and_log
+from accel_utils import FirstRankPerNode, SideChannelError, barrier_and_log, resolve
 from tests.harness import REPO_ROOT, launch_env, run_distributed
 
 
@@ -42,8 +43,15 @@ def test_per_rank_costs_do_not_grow_with_the_world(tmp_path) -> None:
 def _low_descriptor_limit(short_ranks: list[int]) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     group = dist.new_group(backend="gloo")  # a fresh parent: its side group is created here
-    if dist.get_rank() in short_ranks:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 4, hard))
+    _ = resolve(group).nodes  # its one gather (and any descriptors it opens) before the limit
+    held: list[int] = []
+    if dist.get_rank() in short_ranks:  # 4 descriptors free, however many close meanwhile
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 64, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                held.extend(os.pipe())
+        for _ in range(4):
+            os.close(held.pop())
     try:
         with FirstRankPerNode(group, timeout=timedelta(seconds=60), liveness=10):
             pass
@@ -51,6 +59,8 @@ def _low_descriptor_limit(short_ranks: list[int]) -> dict:
     except SideChannelError as exc:
         return {"error": type(exc).__name__, "ranks": exc.ranks, "message": str(exc)}
     finally:
+        for fd in held:
+            os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         barrier_and_log("limit restored", group=group)  # the channel works again afterwards
 
@@ -59,7 +69,7 @@ def _low_descriptor_limit(short_ranks: list[int]) -> dict:
 def test_too_low_descriptor_limit_is_a_clear_error_on_every_rank(short_ranks) -> None:
     out = run_distributed(_low_descriptor_limit, 4, short_ranks, timeout=90)
     for rank, res in enumerate(out):
-        assert res.get("error") == "SideChannelError", (rank, res)
+        assert res.get("error") == "SideChannelError", (rank, out)
         assert "RLIMIT_NOFILE" in res["message"] and "ulimit -n" in res["message"], res
         assert len(res["ranks"]) == 1 and res["ranks"][0] in short_ranks, res
         assert f"rank {res['ranks'][0]} cannot open" in res["message"], res
