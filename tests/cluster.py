@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 from tests.harness import launch_env
 
@@ -321,3 +322,26 @@ class Cluster:
     def run(self, script: str, args: list[str] | None = None, **kwargs: object) -> list[ProcResult]:
         """:meth:`launch` and wait for every process (killed at the hard timeout)."""
         return self.launch(script, args, **kwargs).wait()  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def bed_for_tests(nodes: int = 2) -> Iterator[Cluster]:
+    """A bed for a pytest fixture: skipped where it cannot be built, failed if it must run."""
+    import pytest  # only the fixtures need it
+
+    reason = bed_unavailable_reason()
+    required = os.environ.get("ACCEL_UTILS_REQUIRE_NETNS") == "1"
+    if reason:
+        if required:
+            pytest.fail(f"ACCEL_UTILS_REQUIRE_NETNS=1 but the namespace bed {reason}")
+        pytest.skip(f"namespace test bed {reason}")
+    try:
+        bed = Cluster(nodes=nodes).__enter__()
+    except BedUnavailable as exc:
+        if required:
+            pytest.fail(f"ACCEL_UTILS_REQUIRE_NETNS=1 but the bed cannot be built: {exc}")
+        pytest.skip(f"namespace test bed cannot be built: {exc}")
+    try:
+        yield bed
+    finally:
+        bed.close()

@@ -18,7 +18,7 @@ import os
 
 import pytest
 
-from tests.cluster import BedUnavailable, Cluster, ProcResult, bed_unavailable_reason
+from tests.cluster import Cluster, ProcResult, bed_for_tests
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "launch_worker.py")
 TWO_BY_TWO = [0, 0, 1, 1]
@@ -29,22 +29,8 @@ HARD_TIMEOUT = 90.0
 
 @pytest.fixture(scope="module")
 def cluster():
-    reason = bed_unavailable_reason()
-    required = os.environ.get("ACCEL_UTILS_REQUIRE_NETNS") == "1"
-    if reason:
-        if required:
-            pytest.fail(f"ACCEL_UTILS_REQUIRE_NETNS=1 but the namespace bed {reason}")
-        pytest.skip(f"namespace test bed {reason}")
-    try:
-        bed = Cluster(nodes=2).__enter__()
-    except BedUnavailable as exc:
-        if required:
-            pytest.fail(f"ACCEL_UTILS_REQUIRE_NETNS=1 but the bed cannot be built: {exc}")
-        pytest.skip(f"namespace test bed cannot be built: {exc}")
-    try:
+    with bed_for_tests() as bed:
         yield bed
-    finally:
-        bed.close()
 
 
 def _truth(placement: list[int]) -> list[tuple[int, int, int, int]]:

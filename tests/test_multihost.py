@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.cluster import BedUnavailable, Cluster, bed_unavailable_reason
+from tests.cluster import bed_for_tests
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts",
                       "partition_worker.py")
@@ -22,22 +22,8 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts",
 
 @pytest.fixture
 def cluster():
-    reason = bed_unavailable_reason()
-    required = os.environ.get("ACCEL_UTILS_REQUIRE_NETNS") == "1"
-    if reason:
-        if required:
-            pytest.fail(f"ACCEL_UTILS_REQUIRE_NETNS=1 but the namespace bed {reason}")
-        pytest.skip(f"namespace test bed {reason}")
-    try:
-        bed = Cluster(nodes=2).__enter__()
-    except BedUnavailable as exc:
-        if required:
-            pytest.fail(f"ACCEL_UTILS_REQUIRE_NETNS=1 but the bed cannot be built: {exc}")
-        pytest.skip(f"namespace test bed cannot be built: {exc}")
-    try:
+    with bed_for_tests() as bed:
         yield bed
-    finally:
-        bed.close()
 
 
 def _node0_named_node1(job, results) -> None:

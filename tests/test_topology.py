@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -103,20 +105,27 @@ def test_subgroup_ranks_and_nodes() -> None:
     assert out[1]["first_node"]["node"] == (0, 1, 1, 2)
 
 
-def _bare_launcher() -> dict:
-    calls = []
+@contextlib.contextmanager
+def _gathers_counted() -> Iterator[list[int]]:
+    """Counts ``all_gather_object`` calls inside the block; the real collective runs."""
+    calls: list[int] = []
     real = dist.all_gather_object
 
-    def counting(*args, **kwargs):  # counts calls; the real collective runs
+    def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
     dist.all_gather_object = counting
     try:
-        first = _summary(resolve())
-        again = resolve().nodes
+        yield calls
     finally:
         dist.all_gather_object = real
+
+
+def _bare_launcher() -> dict:
+    with _gathers_counted() as calls:
+        first = _summary(resolve())
+        again = resolve().nodes
     return {"summary": first, "again": again, "gathers": len(calls)}
 
 
@@ -306,19 +315,9 @@ def test_partial_state_writing_local_rank_does_not_split_nodes() -> None:
 
 
 def _count_gathers_for_nodes() -> dict:
-    calls = []
-    real = dist.all_gather_object
-
-    def counting(*args, **kwargs):  # counts calls; the real collective runs
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    dist.all_gather_object = counting
-    try:
+    with _gathers_counted() as calls:
         nodes = resolve().nodes
         resolve().nodes  # noqa: B018 - cached: no second gather
-    finally:
-        dist.all_gather_object = real
     return {"node": (nodes.node_rank, nodes.num_nodes, nodes.local_rank, nodes.local_world_size),
             "gathers": len(calls)}
 
