@@ -221,8 +221,8 @@ class Pulse:
             alarms, marks = int(values[0]), {r: Mark.parse(v) for r, v in zip(ranks, values[1:],
                                                                                strict=True)}
         self._observe(marks)
-        if wide and self.wide_since is None:
-            self.wide_since = now
+        if wide and self.wide_since is None:  # not before _observe's own clock: a member
+            self.wide_since = time.monotonic()  # silent all along is stale for all of wide_for
         if alarms > self._alarms:
             self._read_alarms(alarms)
         if (liveness is not None and not self._wide
