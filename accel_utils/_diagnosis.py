@@ -44,6 +44,7 @@ class Diagnoses:
     size: int
     pulse: Pulse
     label: str
+    memo: dict[str, Any]
 
     def record_key(self, seq: int) -> str:
         raise NotImplementedError
@@ -104,7 +105,7 @@ class Diagnoses:
     def _lost(self, seq: int, what: str, liveness: float | None, err: BaseException) -> NoReturn:
         # A peer's timeout closes its connections too: its record comes first, if it comes.
         key, lost_at = self.record_key(seq), time.monotonic()
-        self.wake(liveness)  # everyone alive beats now: the silent ones are gone
+        self.wake(seq, liveness)  # everyone alive beats now: the silent ones are gone
         end = lost_at + _LOST_WAIT_S
         while time.monotonic() < end:
             found = self.read(key, liveness)
@@ -128,9 +129,16 @@ class Diagnoses:
         except Exception:
             logger.debug("could not post a mark", exc_info=True)
 
-    def wake(self, liveness: float | None) -> None:
-        """Make every member beat now (and fast for a while); watch all of them from here."""
+    def wake(self, seq: int, liveness: float | None) -> None:
+        """Make every member beat now (and fast for a while); watch all of them from here.
+
+        Once per operation ``seq``: a path that would wake again (``_lost``, then ``missing``)
+        would only make every member read one more alarm.
+        """
         self.pulse.widen()
+        if self.memo.get("woken") == seq:
+            return
+        self.memo["woken"] = seq
         try:
             self.store(lambda s: raise_alarm(s, ""), liveness)
         except Exception:
@@ -139,7 +147,7 @@ class Diagnoses:
     def missing(self, seq: int, liveness: float | None) -> tuple[list[int], list[int]]:
         """Members that had not arrived at ``seq``, and those that arrived but went silent."""
         self.post(seq, "a", liveness)
-        self.wake(liveness)
+        self.wake(seq, liveness)
         time.sleep(_SETTLE_S)
         try:
             marks = self.store(lambda s: read_marks(s, range(self.size)), liveness)

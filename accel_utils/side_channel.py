@@ -21,11 +21,7 @@ longer than ``POLL_S``, :class:`~accel_utils._pulse.Pulse` beats and watches the
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import queue
-import resource
 import threading
 import time
 import zlib
@@ -41,6 +37,14 @@ from torch.distributed.distributed_c10d import PrefixStore
 
 from accel_utils._cache import IdentityCache
 from accel_utils._diagnosis import Diagnoses, error_from, store_deadline
+from accel_utils._gloo import (
+    connect_gloo,
+    descriptors_short,
+    finished,
+    park,
+    set_timeout,
+)
+from accel_utils._gloo import parked_count as parked_count  # part of this module's interface
 from accel_utils._pulse import POLL_S, Mark, Pulse, mark_key
 from accel_utils.errors import SideChannelError
 
@@ -53,7 +57,6 @@ _KINDS = {"create": 1, "barrier": 2, "guard": 3, "log": 4, "probe": 5}
 FAILED_BIT = 1 << 62
 CONFIRM_BIT = 1 << 61
 PAYLOAD_BITS = 30
-_FDS_PER_GROUP = 16  # a lazy side group holds ~6 (a store connection, a listener, 2 ring pairs)
 
 
 def as_timeout(value: Any, name: str = "timeout") -> timedelta:
@@ -74,36 +77,6 @@ def as_timeout(value: Any, name: str = "timeout") -> timedelta:
 def as_liveness(value: Any) -> float | None:
     """Seconds of heartbeat silence that name a member unresponsive; None turns it off."""
     return None if value is None else as_timeout(value, "liveness").total_seconds()
-
-
-class _Keeper:
-    """Holds parked groups from a daemon thread's frame, so no destructor ever runs on them."""
-
-    def __init__(self) -> None:
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self.count = 0  # objects parked so far
-
-    def park(self, *objects: Any) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._hold, name="accel-utils-parked",
-                                            daemon=True)
-            self._thread.start()
-        self._inbox.put(objects)
-        self.count += 1
-
-    def _hold(self) -> None:
-        kept = []
-        while True:
-            kept.append(self._inbox.get())
-
-
-_keeper = _Keeper()
-
-
-def parked_count() -> int:
-    """How many abandoned groups (or connection attempts) this process has parked."""
-    return _keeper.count
 
 
 class _Regroup(Exception):
@@ -165,10 +138,10 @@ class Lane(Diagnoses):
                         self.abandon()
                         return 0
                     deadline = time.monotonic() + limit.total_seconds() + _GRACE_S
-                    self._watch(_finished(self.work), seq, what, deadline, limit, liveness)
+                    self._watch(finished(self.work), seq, what, deadline, limit, liveness)
                     if int(tensor.item()) & CONFIRM_BIT:
                         self._start(seq, word, what, limit, liveness)
-                        self._watch(_finished(self.work), seq, what, deadline, limit, liveness)
+                        self._watch(finished(self.work), seq, what, deadline, limit, liveness)
                     break
                 except _Regroup:
                     logger.warning("%s: the side channel failed under an earlier call; "
@@ -229,9 +202,9 @@ class Lane(Diagnoses):
                 return False
             if "error" in box:
                 if "Too many open files" in str(box["error"]):
-                    self.fail(self.publish(seq, {
+                    self.fail(self.publish(seq, {  # gloo ran out: ask for room for several
                         "kind": "resources", "rank": rank, "what": what,
-                        "message": descriptors_short(rank, _FDS_PER_GROUP * 4)}, liveness))
+                        "message": descriptors_short(rank, need=64)}, liveness))
                 raise RuntimeError(f"Timed out creating the gloo side group: {box['error']}")
             return True
 
@@ -239,7 +212,7 @@ class Lane(Diagnoses):
         try:
             self._watch(built, seq, what, deadline, limit, liveness)
         except BaseException:
-            _keeper.park(thread, box)  # it may still connect later: never free that group
+            park(thread, box)  # it may still connect later: never free that group
             raise
         self.group, self.timeout = box["group"], limit
         logger.debug("created gloo side group g%d for %s", seq, self.name)
@@ -288,7 +261,7 @@ class Lane(Diagnoses):
     def abandon(self) -> None:
         """Stop using the group (it may hold a pending operation): park it, build anew later."""
         if self.group is not None:
-            _keeper.park(self.group, self.work)
+            park(self.group, self.work)
         self.group, self.work, self.timeout = None, None, None
 
     def fail(self, record: dict[str, Any], cause: BaseException | None = None,
@@ -299,69 +272,6 @@ class Lane(Diagnoses):
         if record["kind"] == "timeout":
             record = self._complete(record, key, liveness)
         raise error_from(record, self) from cause
-
-
-def descriptors_short(rank: int, need: int = 0) -> str:
-    """Why this process cannot open a side group's sockets ("" when it can, or cannot tell)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        used = len(os.listdir("/proc/self/fd"))
-    except OSError as exc:  # no descriptor left to list them; or not Linux: gloo will say
-        if exc.errno != errno.EMFILE:
-            return ""
-        used = soft
-    need = max(need, _FDS_PER_GROUP)
-    if soft == resource.RLIM_INFINITY or soft - used >= need:
-        return ""
-    wanted = max(used + need * 64, 4096)
-    return (f"rank {rank} cannot open the side channel's sockets: {used} of its {soft} file "
-            f"descriptors (RLIMIT_NOFILE soft limit; hard limit {hard}) are in use and a side "
-            f"group needs about {need} more. Raise the limit before launching (`ulimit -n "
-            f"{wanted}` in the job script, or resource.setrlimit(resource.RLIMIT_NOFILE, "
-            f"({wanted}, hard)) at start-up; above the hard limit it takes the cluster's "
-            "limits.conf / container ulimit settings)")
-
-
-def connect_gloo(store: Any, rank: int, size: int, limit: timedelta) -> Any:
-    """A gloo group whose members connect only to the peers its all-reduce uses.
-
-    Gloo connects every pair at creation by default: ``size - 1`` sockets per process, which
-    at thousands of ranks exhausts descriptor limits. Lazily, its ring all-reduce connects each
-    member to its two neighbours; one all-reduce here makes those connections (and makes the
-    creation a rendezvous of all members again), so no later operation has to wait for them.
-    """
-    gloo: Any = dist.ProcessGroupGloo  # the stubs lack _Options and the backend's collectives
-    options = gloo._Options()
-    options._timeout = limit
-    names = [n for n in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if n]
-    options._devices = ([gloo.create_device(interface=n, lazy_init=True) for n in names]
-                        or [gloo.create_default_device(lazy_init=True)])
-    group = gloo(store, rank, size, options)
-    opts = dist.AllreduceOptions()
-    opts.reduceOp = dist.ReduceOp.BOR  # type: ignore[assignment]  # stubs: RedOpType
-    group.allreduce([torch.zeros(1, dtype=torch.int64)], opts).wait()
-    return group
-
-
-def _finished(work: Any) -> Callable[[timedelta], bool]:
-    """Waits on ``work`` a slice at a time: False while pending, else gloo's own verdict."""
-
-    def wait(slice_: timedelta) -> bool:
-        try:
-            work.wait(slice_)
-        except RuntimeError:
-            if not work.is_completed():  # only our slice ran out
-                return False
-            work.wait()  # raises gloo's error: a timeout or a lost peer
-        return True
-
-    return wait
-
-
-def set_timeout(group: Any, timeout: timedelta) -> None:
-    """Change a gloo group's timeout (public from torch 2.13, private before)."""
-    setter = getattr(group, "set_timeout", None) or group._set_default_timeout
-    setter(timeout)
 
 
 def _encode(seq: int, kind: str, label: str, payload: int, failed: bool, confirm: bool) -> int:
