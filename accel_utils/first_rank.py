@@ -88,7 +88,9 @@ class FirstRankPerNode(ContextDecorator):
             would wait on each other.
 
     An exception raised by a waiting rank's own block is that rank's ordinary error: it
-    propagates unchanged. The block must not run collectives on ``group``.
+    propagates unchanged. The block must not run collectives on ``group``. What it writes to
+    files is there for the others; a ``TCPStore.set`` is not acknowledged by the store's
+    server, so signal through the store with ``add`` or ``compare_set`` instead.
     """
 
     def __init__(

@@ -288,6 +288,7 @@ def payload_of(word: int) -> int:
 
 # ----------------------------------------------------------------------------------- lanes
 _lanes = IdentityCache()  # parent group -> {thread name: Lane}; entries die with their parent
+_lanes_lock = threading.Lock()  # two threads' first lanes on a group must share one dict
 
 
 def lane_for(parent: dist.ProcessGroup) -> Lane:
@@ -298,10 +299,11 @@ def lane_for(parent: dist.ProcessGroup) -> Lane:
     """
     thread = threading.current_thread()
     tag = "" if thread is threading.main_thread() else thread.name
-    lanes: dict[str, Lane] | None = _lanes.get(parent)
-    if lanes is None:
-        lanes = {}
-        _lanes.put(parent, lanes)
+    with _lanes_lock:
+        lanes: dict[str, Lane] | None = _lanes.get(parent)
+        if lanes is None:
+            lanes = {}
+            _lanes.put(parent, lanes)
     lane: Lane | None = lanes.get(tag)
     if lane is None:
         name = parent.group_name + (f"/thread:{tag}" if tag else "")

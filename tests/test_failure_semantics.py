@@ -236,8 +236,8 @@ def _threads(world: int, shared: bool) -> dict:
             for i in range(100):
                 guard = common if shared else FirstRankPerNode(local=False)
                 with guard as first:
-                    if first:
-                        store.set(f"threads/{name}/{i}", "1")
+                    if first:  # add(), not set(): a set is not acknowledged (fire-and-forget),
+                        store.add(f"threads/{name}/{i}", 1)  # a check elsewhere may miss it
                     elif not store.check([f"threads/{name}/{i}"]):
                         early.append(f"{name}/{i}")
         except Exception as exc:  # noqa: BLE001 - returned to the test
@@ -257,6 +257,45 @@ def _threads(world: int, shared: bool) -> dict:
 def test_guards_from_two_threads_never_pair_crosswise(world: int, shared: bool) -> None:
     out = run_distributed(_threads, world, world, shared, timeout=90)
     assert all(o == {"early": [], "errors": [], "alive": False} for o in out), out
+
+
+def _first_lanes_from_two_threads() -> int:
+    """Two threads take their first lanes on a fresh group at once; each must keep its lane."""
+    from accel_utils import side_channel
+
+    group = dist.new_group(backend="gloo")
+    lookup = side_channel._lanes.get
+
+    def slow_miss(parent: object) -> object:  # widens the window between a miss and its fill
+        found = lookup(parent)
+        if found is None:
+            time.sleep(0.2)
+        return found
+
+    side_channel._lanes.get = slow_miss
+    start, lost = threading.Barrier(2), []
+
+    def take() -> None:
+        start.wait()
+        lane = side_channel.lane_for(group)
+        start.wait()
+        if side_channel.lane_for(group) is not lane:
+            lost.append(threading.current_thread().name)
+
+    try:
+        threads = [threading.Thread(target=take, name=f"t{n}") for n in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        del side_channel._lanes.get
+    return len(lost)
+
+
+def test_threads_taking_their_first_lanes_at_once_each_keep_theirs() -> None:
+    # a lane lost to a concurrent first use restarts its call numbers at 0 on one rank only
+    assert run_distributed(_first_lanes_from_two_threads, 2, timeout=60) == [0, 0]
 
 
 def _huge_timeouts() -> list:
