@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 
@@ -15,6 +17,7 @@ class IdentityCache:
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[Any, Any]] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -32,6 +35,16 @@ class IdentityCache:
         except TypeError:
             ref = lambda: key  # noqa: E731 - objects without weak references stay alive
         self._entries[id(key)] = (ref, value)
+
+    def setdefault(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The value for ``key``, made and stored by ``make()`` if absent: one per key, even
+        when several threads ask at once."""
+        with self._lock:
+            value = self.get(key)
+            if value is None:
+                value = make()
+                self.put(key, value)
+            return value
 
     def values(self) -> list[Any]:
         return [value for ref, value in self._entries.values() if ref() is not None]

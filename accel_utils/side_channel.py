@@ -288,7 +288,6 @@ def payload_of(word: int) -> int:
 
 # ----------------------------------------------------------------------------------- lanes
 _lanes = IdentityCache()  # parent group -> {thread name: Lane}; entries die with their parent
-_lanes_lock = threading.Lock()  # two threads' first lanes on a group must share one dict
 
 
 def lane_for(parent: dist.ProcessGroup) -> Lane:
@@ -299,11 +298,7 @@ def lane_for(parent: dist.ProcessGroup) -> Lane:
     """
     thread = threading.current_thread()
     tag = "" if thread is threading.main_thread() else thread.name
-    with _lanes_lock:
-        lanes: dict[str, Lane] | None = _lanes.get(parent)
-        if lanes is None:
-            lanes = {}
-            _lanes.put(parent, lanes)
+    lanes: dict[str, Lane] = _lanes.setdefault(parent, dict)
     lane: Lane | None = lanes.get(tag)
     if lane is None:
         name = parent.group_name + (f"/thread:{tag}" if tag else "")

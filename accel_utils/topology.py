@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +119,7 @@ def launcher_env() -> dict[str, str]:
 _world_seen: list[Any] = [None]
 _topologies = IdentityCache()
 _layouts = IdentityCache()
+_layout_locks = IdentityCache()
 
 
 def _fresh_caches() -> None:
@@ -304,7 +306,13 @@ def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
     hit: NodeLayout | None = _layouts.get(group)
     if hit is not None:
         return hit
-    log_changed_variables()
-    layout = layout_from_launcher(group) or layout_from_gather(group)
-    _layouts.put(group, layout)
-    return layout
+    # threads asking at once: one gather, not one each (theirs could pair crosswise between
+    # ranks); a lock per group, since a gather waits for the other ranks, whose threads may
+    # be gathering on another group first
+    with _layout_locks.setdefault(group, threading.Lock):
+        hit = _layouts.get(group)
+        if hit is None:
+            log_changed_variables()
+            hit = layout_from_launcher(group) or layout_from_gather(group)
+            _layouts.put(group, hit)
+    return hit

@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -137,6 +138,34 @@ def test_node_identity_gathered_once_without_launcher_variables() -> None:
     assert [o["summary"]["node"] for o in out] == [(0, 1, 0, 2), (0, 1, 1, 2)]
     assert all(o["gathers"] == 1 for o in out)
 
+
+
+def _bare_launcher_from_threads() -> dict:
+    """Four threads ask for the node identity at once (a guard in each data-loading thread)."""
+    start, nodes, errors = threading.Barrier(4), [], []
+
+    def ask() -> None:
+        start.wait()
+        try:
+            nodes.append(resolve().nodes)
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            errors.append(repr(exc))
+
+    with _gathers_counted() as calls:
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    return {"nodes": len(set(nodes)), "errors": errors, "gathers": len(calls)}
+
+
+def test_node_identity_asked_from_threads_at_once_is_gathered_once() -> None:
+    # concurrent gathers on one group from several threads could pair crosswise between ranks
+    bare = {"LOCAL_RANK": None, "LOCAL_WORLD_SIZE": None, "GROUP_RANK": None,
+            "GROUP_WORLD_SIZE": None}
+    out = run_distributed(_bare_launcher_from_threads, 4, env=bare, timeout=60)
+    assert out == [{"nodes": 1, "errors": [], "gathers": 1}] * 4, out
 
 def _mesh_2x2() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
