@@ -259,6 +259,33 @@ def test_guards_from_two_threads_never_pair_crosswise(world: int, shared: bool) 
     assert all(o == {"early": [], "errors": [], "alive": False} for o in out), out
 
 
+def _barriers_from_two_threads() -> list:
+    """Two threads each make 20 barriers (every other one logged) on the same group."""
+    errors: list = []
+
+    def run(name: str) -> None:
+        try:
+            for i in range(20):
+                if i % 2:
+                    barrier_and_log(f"{name} step {i}")
+                else:
+                    _barrier_with_timeout(timedelta(seconds=30))
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=run, args=(f"t{n}",), name=f"loader-{n}")
+               for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return errors + [f"{t.name} still running" for t in threads if t.is_alive()]
+
+
+def test_barriers_from_two_threads_pair_by_thread() -> None:
+    assert run_distributed(_barriers_from_two_threads, 4, timeout=90) == [[]] * 4
+
+
 def _first_lanes_from_two_threads() -> int:
     """Two threads take their first lanes on a fresh group at once; each must keep its lane."""
     from accel_utils import side_channel
