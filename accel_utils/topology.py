@@ -117,6 +117,7 @@ def launcher_env() -> dict[str, str]:
 
 # Caches are only valid for one default group: a new init_process_group starts them afresh.
 _world_seen: list[Any] = [None]
+_world_lock = threading.Lock()
 _topologies = IdentityCache()
 _layouts = IdentityCache()
 _layout_locks = IdentityCache()
@@ -124,11 +125,12 @@ _layout_locks = IdentityCache()
 
 def _fresh_caches() -> None:
     world = dist.group.WORLD if dist.is_initialized() else None
-    if world is not _world_seen[0]:
-        _world_seen[0] = world
-        _topologies.clear()
-        _layouts.clear()
-        _mesh.clear()
+    with _world_lock:  # once per world: a second thread's clear would drop the first's entries
+        if world is not _world_seen[0]:
+            _world_seen[0] = world
+            _topologies.clear()
+            _layouts.clear()
+            _mesh.clear()
 
 
 def resolve(handle: Any = None) -> Topology:
