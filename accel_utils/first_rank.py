@@ -63,7 +63,8 @@ class FirstRankPerNode(ContextDecorator):
     finished its block, then run it. Usable as a decorator and nested (an inner guard on the
     same group and order is ordered by the outer one already and costs nothing). Guards from
     several threads are fine: each thread has its own side channel, matched across ranks by
-    thread name.
+    thread name (give such threads the same name on every rank; default names such as
+    ``Thread-7`` may differ between ranks, and a warning says so).
 
     Args:
         group: anything :func:`accel_utils.resolve` accepts; only its members take part.

@@ -22,6 +22,7 @@ longer than ``POLL_S``, :class:`~accel_utils._pulse.Pulse` beats and watches the
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import zlib
@@ -288,6 +289,7 @@ def payload_of(word: int) -> int:
 
 # ----------------------------------------------------------------------------------- lanes
 _lanes = IdentityCache()  # parent group -> {thread name: Lane}; entries die with their parent
+_DEFAULT_THREAD_NAME = re.compile(r"Thread-\d+( \(.*\))?$|ThreadPoolExecutor-\d+_\d+$")
 
 
 def lane_for(parent: dist.ProcessGroup) -> Lane:
@@ -301,6 +303,14 @@ def lane_for(parent: dist.ProcessGroup) -> Lane:
     lanes: dict[str, Lane] = _lanes.setdefault(parent, dict)
     lane: Lane | None = lanes.get(tag)
     if lane is None:
+        if _DEFAULT_THREAD_NAME.match(tag):
+            logger.warning(
+                "side channel for thread %r: threads are matched across ranks by name, and a "
+                "default name counts the threads this process started before (a logger or "
+                "tracker started on some ranks only shifts it), so the other ranks may call "
+                "theirs differently and this thread's guards and barriers would wait for the "
+                "timeout. Name the thread the same on every rank: threading.Thread(name=...), "
+                "ThreadPoolExecutor(thread_name_prefix=...)", tag)
         name = parent.group_name + (f"/thread:{tag}" if tag else "")
         base = PrefixStore(f"accel_utils/side/{name}", parent.get_group_store())
         rank, size = dist.get_rank(parent), dist.get_world_size(parent)

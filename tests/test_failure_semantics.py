@@ -286,6 +286,36 @@ def test_barriers_from_two_threads_pair_by_thread() -> None:
     assert run_distributed(_barriers_from_two_threads, 4, timeout=90) == [[]] * 4
 
 
+def _lane_warnings() -> list:
+    """Lanes taken from an unnamed thread, a default-named pool worker and a named thread."""
+    import concurrent.futures
+    import logging
+
+    from accel_utils.side_channel import lane_for
+
+    warned: list = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.args[0])
+    logger = logging.getLogger("accel_utils.side_channel")
+    logger.addHandler(handler)
+    try:  # lanes only (no collective): default names may differ between ranks, the point
+        for thread in (threading.Thread(target=lane_for, args=(dist.group.WORLD,)),
+                       threading.Thread(target=lane_for, args=(dist.group.WORLD,),
+                                        name="loader")):
+            thread.start()
+            thread.join(30)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(lane_for, dist.group.WORLD).result(30)
+    finally:
+        logger.removeHandler(handler)
+    return [name.split("-")[0] for name in warned]
+
+
+def test_a_thread_with_a_default_name_is_told_to_name_it() -> None:
+    # lanes pair threads across ranks by name; "Thread-7" on one rank may be "Thread-6" on another
+    assert run_distributed(_lane_warnings, 2, timeout=60) == [["Thread", "ThreadPoolExecutor"]] * 2
+
+
 def _first_lanes_from_two_threads() -> int:
     """Two threads take their first lanes on a fresh group at once; each must keep its lane."""
     from accel_utils import side_channel
