@@ -113,9 +113,14 @@ class Diagnoses:
                 self.fail(found, err, liveness)
             time.sleep(0.1)
         missing, _ = self.missing(seq, liveness)  # meanwhile the pulse watched every mark
-        silence, end = silence_s(liveness), time.monotonic() + silence_s(liveness) + POLL_S
-        while self.pulse.wide_for() < silence and time.monotonic() < end:
-            time.sleep(0.1)  # long enough to tell a silent member from a slowly beating one
+        # Long enough to tell a silent member from a slowly beating one; and if nobody is
+        # silent that long yet, one window more: the dead member's last mark may have reached
+        # the store late (a set is not acknowledged), after this rank began to watch everyone.
+        silence = silence_s(liveness)
+        end = time.monotonic() + 2 * silence + POLL_S
+        while time.monotonic() < end and (self.pulse.wide_for() < silence
+                                          or not self.pulse.stale(None, silence)):
+            time.sleep(0.1)
         dead = self.pulse.stale(None, silence)  # a live member has beaten since
         self.fail(self.publish(seq, {"kind": "died", "ranks": dead, "missing": missing,
                                      "what": what, "label": self.label,

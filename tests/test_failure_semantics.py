@@ -35,6 +35,25 @@ def _outcome(exc: BaseException) -> dict:
             **{k: getattr(exc, k) for k in keep if hasattr(exc, k)}}
 
 
+def _late_mark(rank: int, delay: float) -> None:
+    """After ``delay``, bump ``rank``'s heartbeat mark: its last one, delivered late.
+
+    A TCPStore set is not acknowledged: a set sent just before a process dies may reach the
+    store after the survivors began to watch every mark.
+    """
+    from accel_utils._pulse import Mark, mark_key
+    from accel_utils.side_channel import lane_for
+
+    base = lane_for(dist.group.WORLD).base
+
+    def write() -> None:
+        time.sleep(delay)
+        mark = Mark.parse(base.get(mark_key(rank)))
+        base.set(mark_key(rank), str(Mark(mark.seq, mark.phase, mark.count + 1)))
+
+    threading.Thread(target=write, name="late-mark", daemon=True).start()
+
+
 def _guard_fault(first_fault: str, waiting_fault: str, timeout_s: float,
                  liveness_s: float | None) -> dict:
     """Node 1's first rank (2) suffers ``first_fault``; its waiting rank (3) ``waiting_fault``."""
@@ -57,7 +76,10 @@ def _guard_fault(first_fault: str, waiting_fault: str, timeout_s: float,
                     time.sleep(timeout_s + 3)
             if rank == 0 and waiting_fault != "none":  # rank 3 is waiting by now
                 time.sleep(1.5)
-                os.kill(pids[3], signal.SIGKILL if waiting_fault == "kill" else signal.SIGSTOP)
+                os.kill(pids[3], signal.SIGKILL if waiting_fault.startswith("kill")
+                        else signal.SIGSTOP)
+                if waiting_fault == "kill-late":
+                    _late_mark(3, delay=0.8)
             if first:
                 out["first_done"] = time.time()
         out["passed"] = time.time()
@@ -124,8 +146,9 @@ def test_a_frozen_waiting_rank_is_named_when_the_timeout_runs_out_first() -> Non
         assert "stopped responding (frozen or unreachable)" in out[rank]["message"]
 
 
-def test_a_killed_waiting_rank_is_named_as_dead() -> None:
-    out = _run("none", "kill")
+@pytest.mark.parametrize("fault", ["kill", "kill-late"])
+def test_a_killed_waiting_rank_is_named_as_dead(fault: str) -> None:
+    out = _run("none", fault)
     assert isinstance(out[3], RankFailure) and out[3].exc_type == "died"
     for rank in (0, 1, 2):
         assert out[rank]["error"] == "SideChannelError", out[rank]
