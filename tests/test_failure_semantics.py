@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -247,6 +248,18 @@ def test_a_barrier_on_one_rank_only_then_a_guard_raises_on_every_rank() -> None:
         assert o["calls"][1].startswith("FirstRankPerNode 'local' (call 1)")
 
 
+def _in_two_threads(run: Callable[[str], None], timeout: float = 60) -> list[str]:
+    """``run("t0")`` and ``run("t1")`` in threads "loader-0" and "loader-1" (the same names on
+    every rank); returns the names of those still running after ``timeout``."""
+    threads = [threading.Thread(target=run, args=(f"t{n}",), name=f"loader-{n}")
+               for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return [thread.name for thread in threads if thread.is_alive()]
+
+
 def _threads(world: int, shared: bool) -> dict:
     """Two threads, 100 guards each; a waiting rank checks that its first rank's block ran."""
     early: list = []
@@ -266,13 +279,8 @@ def _threads(world: int, shared: bool) -> dict:
         except Exception as exc:  # noqa: BLE001 - returned to the test
             errors.append(f"{type(exc).__name__}: {exc}")
 
-    threads = [threading.Thread(target=run, args=(f"t{n}",), name=f"loader-{n}")
-               for n in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return {"early": early, "errors": errors, "alive": any(t.is_alive() for t in threads)}
+    alive = _in_two_threads(run)
+    return {"early": early, "errors": errors, "alive": bool(alive)}
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -296,13 +304,8 @@ def _barriers_from_two_threads() -> list:
         except Exception as exc:  # noqa: BLE001 - returned to the test
             errors.append(f"{name}: {type(exc).__name__}: {exc}")
 
-    threads = [threading.Thread(target=run, args=(f"t{n}",), name=f"loader-{n}")
-               for n in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return errors + [f"{t.name} still running" for t in threads if t.is_alive()]
+    alive = _in_two_threads(run)
+    return errors + [f"{name} still running" for name in alive]
 
 
 def test_barriers_from_two_threads_pair_by_thread() -> None:
@@ -355,19 +358,15 @@ def _first_lanes_from_two_threads() -> int:
     side_channel._lanes.get = slow_miss
     start, lost = threading.Barrier(2), []
 
-    def take() -> None:
+    def take(name: str) -> None:
         start.wait()
         lane = side_channel.lane_for(group)
         start.wait()
         if side_channel.lane_for(group) is not lane:
-            lost.append(threading.current_thread().name)
+            lost.append(name)
 
     try:
-        threads = [threading.Thread(target=take, name=f"t{n}") for n in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
+        _in_two_threads(take, timeout=30)
     finally:
         del side_channel._lanes.get
     return len(lost)
