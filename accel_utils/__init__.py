@@ -12,8 +12,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 # The launcher's variables, read now: before any Accelerate object can write its own into
-# os.environ (see accel_utils/_launcher.py). Standard library only.
-from accel_utils import _launcher  # noqa: F401
+# os.environ (see accel_utils/topology/launcher.py). Standard library only.
+from accel_utils.topology import launcher  # noqa: F401
 
 __version__ = "0.1.0"  # the one version string: pyproject.toml reads it from here
 

@@ -15,16 +15,11 @@ from typing import Any
 
 import torch
 
-from accel_utils._layout import (
-    accelerate_layout_name,
-    deepspeed_stage,
-    dtensor_layout,
-    training_arguments_state,
-    unwrap_compiled,
-)
-from accel_utils._mesh import NON_DP_DIMS
+from accel_utils._models import deepspeed_stage, dtensor_layout, unwrap_compiled
 from accel_utils.eval_samples import Shard
 from accel_utils.topology import Topology, resolve
+from accel_utils.topology.accelerate import accelerate_layout_name, training_arguments_state
+from accel_utils.topology.mesh import NON_DP_DIMS
 
 logger = logging.getLogger(__name__)
 

@@ -13,15 +13,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from accel_utils._layout import (
-    is_deepspeed_engine,
-    is_deepspeed_run,
-    is_fsdp2,
-    is_hsdp,
-    sync_gradients,
-    unwrap_compiled,
-)
+from accel_utils._models import is_deepspeed_engine, is_fsdp2, is_hsdp, unwrap_compiled
 from accel_utils.topology import resolve
+from accel_utils.topology.accelerate import is_deepspeed_run, sync_gradients
 
 logger = logging.getLogger(__name__)
 

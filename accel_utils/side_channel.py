@@ -36,7 +36,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import PrefixStore
 
-from accel_utils._cache import IdentityCache
 from accel_utils._diagnosis import Diagnoses, error_from, store_deadline
 from accel_utils._gloo import (
     connect_gloo,
@@ -46,6 +45,7 @@ from accel_utils._gloo import (
     set_timeout,
 )
 from accel_utils._gloo import parked_count as parked_count  # part of this module's interface
+from accel_utils._identity_cache import IdentityCache
 from accel_utils._pulse import POLL_S, Mark, Pulse, mark_key
 from accel_utils.errors import SideChannelError
 

@@ -128,9 +128,9 @@ def _worker_main(rank: int, world_size: int, tasks: Any, results: Any, log_path:
                 os.environ[key] = value
         # each task is a fresh launch: accel_utils reads the launcher's variables again, as a
         # fresh process would at import (this worker imported it before the variables were set)
-        from accel_utils import _launcher
+        from accel_utils.topology import launcher
 
-        _launcher.take_snapshot()
+        launcher.take_snapshot()
         ok = False
         try:
             dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from accel_utils._nodes import HOST_KEYS, NodeFacts, decide
 from accel_utils.topology import NodeLayout, Topology, resolve
+from accel_utils.topology.nodes import HOST_KEYS, NodeFacts, decide
 from tests.harness import launch_env, run_distributed, run_torchrun
 
 

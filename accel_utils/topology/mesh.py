@@ -1,7 +1,6 @@
 """How a DeviceMesh splits into the groups a Topology describes.
 
-Part of the resolver (only :mod:`accel_utils.topology` imports it), split out to keep that
-module small: this is where Accelerate's and torch's mesh dimension names are known.
+Part of the resolver: this is where Accelerate's and torch's mesh dimension names are known.
 
 Groups are built from the mesh's own dimensions, through public API only: a single dimension
 is ``mesh.get_group(dim)``; several dimensions (dp x cp for losses) become one group over the
@@ -100,6 +99,6 @@ def _group_over(mesh: DeviceMesh, dims: list[int]) -> dist.ProcessGroup | None:
     return group
 
 
-def clear() -> None:
+def forget_groups() -> None:
     """Forget the groups made here (a new default group, or it was destroyed)."""
     _made.clear()
