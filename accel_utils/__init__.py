@@ -18,7 +18,7 @@ from accel_utils.topology import launcher  # noqa: F401
 __version__ = "0.1.0"  # the one version string: pyproject.toml reads it from here
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these lazily
-    from accel_utils.barriers import barrier_and_log
+    from accel_utils.barriers import barrier, barrier_and_log
     from accel_utils.errors import (
         BarrierTimeoutError,
         FirstRankFailedError,
@@ -44,6 +44,7 @@ _EXPORTS = {
     "RanksNotRespondingError": "accel_utils.errors",
     "SideChannelError": "accel_utils.errors",
     "Topology": "accel_utils.topology",
+    "barrier": "accel_utils.barriers",
     "barrier_and_log": "accel_utils.barriers",
     "destroy_process_group": "accel_utils.lifecycle",
     "dp_eval_sample_shard": "accel_utils.eval_shard",
@@ -62,6 +63,7 @@ __all__ = [
     "SideChannelError",
     "Topology",
     "__version__",
+    "barrier",
     "barrier_and_log",
     "destroy_process_group",
     "dp_eval_sample_shard",

@@ -6,15 +6,23 @@ when every rank scores every sample.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
+from accel_utils._side import side_group
 from accel_utils.topology import resolve
 
+logger = logging.getLogger(__name__)
+
 Shard = tuple[int, int]
+# Creating the side group waits for every rank of the eval, which arrive when their generation
+# ends: as long as torch's default process-group timeout, the longest an eval step may lag.
+_SIDE_GROUP_TIMEOUT = timedelta(minutes=30)
 
 
 def shard_samples(samples: Any, shard: Shard | None) -> Any:
@@ -167,10 +175,11 @@ def _object_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
     # all_gather_object on NCCL moves pickles through GPU tensors; gloo keeps them on the CPU.
     if dist.get_backend(group) == "gloo":
         return group
-    from accel_utils.barriers import _create_gloo_group
-
-    side = _create_gloo_group(group)
-    return side if side is not None else group  # none could be made (it warned): use the group
+    try:
+        return side_group(group, _SIDE_GROUP_TIMEOUT)  # type: ignore[no-any-return]
+    except RuntimeError as exc:  # none could be made: gather over the group itself
+        logger.warning("could not create a gloo side group for the results gather: %s", exc)
+        return group
 
 
 def _merge(entries: list[tuple[int, int, list[Any]]], size: int) -> list[Any]:

@@ -1,6 +1,6 @@
 """FirstRankPerNode: one rank per node (or per job) runs a block first; nobody hangs or lies.
 
-A guard is one operation on the group's side channel (:mod:`accel_utils.side_channel`): the
+A guard is one operation on the group's side channel (:mod:`accel_utils._side`): the
 waiting ranks enter its one-element all-reduce on ``__enter__``, the first ranks on ``__exit__``.
 A failing first rank publishes a record (rank, node, exception) in the job's store, contributes
 a set failure bit without waiting and raises its own exception at once; the others learn from
@@ -19,19 +19,20 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
-from accel_utils._diagnosis import error_from
-from accel_utils.errors import describe
-from accel_utils.shared_dir import path_is_shared
-from accel_utils.side_channel import (
+from accel_utils._side import (
     DEFAULT_LIVENESS,
-    FAILED_BIT,
     PAYLOAD_BITS,
+    Failure,
+    Kind,
     Lane,
+    Phase,
+    Record,
     as_liveness,
     as_timeout,
     lane_for,
-    payload_of,
 )
+from accel_utils.errors import describe
+from accel_utils.shared_dir import path_is_shared
 from accel_utils.topology import Topology, resolve
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class FirstRankPerNode(ContextDecorator):
                 if lane.group is None:  # first ranks too: a rank that dies in its block then
                     lane.connect(entry.seq, _WHAT, limit, self.liveness)  # closes connections
                 if entry.first:  # beats while the block runs: a frozen first rank is named
-                    lane.pulse.activate(entry.seq, "w", self.liveness)
+                    lane.pulse.activate(entry.seq, Phase.WORKING, self.liveness)
         _stack().append(entry)
         self._entries().append(entry)
         if entry.lane is not None and entry.outer is None and not entry.first:
@@ -184,7 +185,7 @@ class FirstRankPerNode(ContextDecorator):
             return False
         _report_failure(entry, failure)
         if exc_val is None:  # an inner guard's failure that the block caught: stop here anyway
-            raise error_from(_record(entry, failure), entry.lane) from failure
+            raise entry.lane.diagnosis.error(_record(entry, failure)) from failure
         return False
 
     def _order(self, topo: Topology, outer: _Entry | None, limit: timedelta) -> str:
@@ -226,10 +227,10 @@ def _enclosing(lane: Lane) -> _Entry | None:
     return None
 
 
-def _record(entry: _Entry, exc: BaseException) -> dict[str, Any]:
-    return {"kind": "failed", "rank": entry.topo.rank, "node": entry.topo.nodes.node_rank,
-            "exc_type": type(exc).__name__, "message": describe(exc)[:2000], "what": _WHAT,
-            "seq": entry.seq}
+def _record(entry: _Entry, exc: BaseException) -> Record:
+    return Record(Failure.FAILED, entry.seq, entry.topo.rank, _WHAT, rank=entry.topo.rank,
+                  node=entry.topo.nodes.node_rank, exc_type=type(exc).__name__,
+                  message=describe(exc)[:2000])
 
 
 def _report_failure(entry: _Entry, exc: BaseException) -> None:
@@ -240,9 +241,9 @@ def _report_failure(entry: _Entry, exc: BaseException) -> None:
                  entry.topo.rank, entry.topo.nodes.node_rank, type(exc).__name__, describe(exc),
                  exc_info=(type(exc), exc, exc.__traceback__))
     try:
-        lane.publish(entry.seq, _record(entry, exc), entry.liveness)
+        lane.report(_record(entry, exc), entry.liveness)
         if lane.group is not None:  # else the others are still connecting: the record tells
-            lane.run(entry.seq, "guard", entry.order, _WHAT, entry.timeout, entry.liveness,
+            lane.run(entry.seq, Kind.GUARD, entry.order, _WHAT, entry.timeout, entry.liveness,
                      payload=min(entry.topo.rank + 1, (1 << PAYLOAD_BITS) - 1), failed=True,
                      wait=False)
     except Exception:
@@ -256,17 +257,15 @@ def _settle(entry: _Entry) -> None:
     """Join the guard's all-reduce; raise if a first rank failed, died, froze or timed out."""
     lane = entry.lane
     assert lane is not None
-    key = lane.record_key(entry.seq)
-    seen = lane.pulse.records.get(key)
-    if seen is not None and seen["seq"] == entry.seq:  # heard of a failure during its block
+    seen = lane.pulse.records.get(lane.record_key(entry.seq))
+    if seen is not None and seen.seq == entry.seq:  # heard of a failure during its block
         if lane.group is not None:
-            lane.run(entry.seq, "guard", entry.order, _WHAT, entry.timeout, entry.liveness,
+            lane.run(entry.seq, Kind.GUARD, entry.order, _WHAT, entry.timeout, entry.liveness,
                      wait=False)
         lane.fail(seen, liveness=entry.liveness)
-    word = lane.run(entry.seq, "guard", entry.order, _WHAT, entry.timeout, entry.liveness)
-    if word & FAILED_BIT:
-        rank = payload_of(word) - 1
-        lane.fail(lane.read(key, entry.liveness) or {
-            "kind": "failed", "rank": rank, "node": None, "exc_type": "unknown",
-            "message": "its failure record could not be read from the store", "what": _WHAT,
-            "seq": entry.seq})
+    reduced = lane.run(entry.seq, Kind.GUARD, entry.order, _WHAT, entry.timeout, entry.liveness)
+    if reduced.failed:
+        rank = reduced.payload - 1
+        lane.fail(lane.failure(entry.seq, entry.liveness) or Record(
+            Failure.FAILED, entry.seq, rank, _WHAT, rank=rank, exc_type="unknown",
+            message="its failure record could not be read from the store"))

@@ -12,7 +12,14 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-from accel_utils.side_channel import DEFAULT_LIVENESS, as_liveness, as_timeout, lane_for, payload_of
+from accel_utils._side import (
+    DEFAULT_LIVENESS,
+    PAYLOAD_BITS,
+    Kind,
+    as_liveness,
+    as_timeout,
+    lane_for,
+)
 from accel_utils.topology import resolve
 
 logger = logging.getLogger(__name__)
@@ -34,7 +41,7 @@ def path_is_shared(path: str | os.PathLike[str], group: Any = None, *,
         path: the directory to probe.
         group: anything :func:`accel_utils.resolve` accepts.
         timeout: how long each step waits for the other ranks.
-        liveness: see :func:`accel_utils.barriers._barrier_with_timeout`.
+        liveness: see :func:`accel_utils.barrier`.
 
     Returns:
         True when any node sees another node's marker (a shared, or partly shared, filesystem:
@@ -52,11 +59,11 @@ def path_is_shared(path: str | os.PathLike[str], group: Any = None, *,
     lane = lane_for(topo.group)
 
     def step(bits: int) -> int:  # the OR of every rank's bits
-        return payload_of(lane.run(lane.begin(), "probe", "", _WHAT, limit, live, bits))
+        return lane.run(lane.begin(), Kind.PROBE, "", _WHAT, limit, live, bits).payload
 
     leader = nodes.local_rank == 0
-    node_bit = 1 << min(nodes.node_rank, 29)  # nodes past 29 share the last bit
-    token = step(secrets.randbits(30) if topo.rank == 0 else 0)
+    node_bit = 1 << min(nodes.node_rank, PAYLOAD_BITS - 1)  # the last nodes share the last bit
+    token = step(secrets.randbits(PAYLOAD_BITS) if topo.rank == 0 else 0)
     name = f"{_PROBE}_{token:x}_{lane.seq}_node"
     marker = os.path.join(os.fspath(path), f"{name}{nodes.node_rank}")
     try:

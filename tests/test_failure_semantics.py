@@ -42,8 +42,8 @@ def _late_mark(rank: int, delay: float) -> None:
     A TCPStore set is not acknowledged: a set sent just before a process dies may reach the
     store after the survivors began to watch every mark.
     """
-    from accel_utils._pulse import Mark, mark_key
-    from accel_utils.side_channel import lane_for
+    from accel_utils._side import lane_for
+    from accel_utils._side.wire import Mark, mark_key
 
     base = lane_for(dist.group.WORLD).base
 
@@ -317,7 +317,7 @@ def _lane_warnings() -> list:
     import concurrent.futures
     import logging
 
-    from accel_utils.side_channel import lane_for
+    from accel_utils._side import lane_for
 
     warned: list = []
     handler = logging.Handler()
@@ -344,7 +344,7 @@ def test_a_thread_with_a_default_name_is_told_to_name_it() -> None:
 
 def _first_lanes_from_two_threads() -> int:
     """Two threads take their first lanes on a fresh group at once; each must keep its lane."""
-    from accel_utils import side_channel
+    from accel_utils._side import lane as side_channel
 
     group = dist.new_group(backend="gloo")
     lookup = side_channel._lanes.get

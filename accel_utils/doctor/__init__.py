@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 from accel_utils import topology
-from accel_utils.barriers import _barrier_with_timeout, _create_gloo_group
+from accel_utils._side import side_group
+from accel_utils.barriers import barrier
 from accel_utils.doctor.report import TRIES, Report, Row, checks, render
 from accel_utils.doctor.watch import Watch, first_line
 from accel_utils.lifecycle import destroy_process_group
@@ -154,9 +155,7 @@ def _time_side_channel(side: Any, timeout: timedelta) -> dict[str, float]:
     tensor = torch.zeros(1)
     for _ in range(TRIES):
         start = time.perf_counter()
-        if not _barrier_with_timeout(timeout):
-            raise RuntimeError("a side-channel barrier did not complete (a peer was lost, or "
-                               f"{timeout.total_seconds():g}s passed)")
+        barrier(timeout=timeout)  # raises naming the ranks that did not arrive, or died
         samples["barrier"].append((time.perf_counter() - start) * 1e3)
     for _ in range(TRIES):
         start = time.perf_counter()
@@ -168,9 +167,8 @@ def _time_side_channel(side: Any, timeout: timedelta) -> dict[str, float]:
 def _collect(report: Report, row: Row, topo: topology.Topology, args: argparse.Namespace,
              timeout: timedelta, watch: Watch) -> None:
     watch.enter("creating the gloo side group")
-    side = _create_gloo_group()
-    if side is None:
-        raise RuntimeError("no gloo side group could be created (see the warning above)")
+    assert topo.group is not None  # the doctor collects only from a launch of several ranks
+    side = side_group(topo.group, timeout)
     watch.enter("gathering the rows")
     report.rows = _all_gather(side, row, topo.world_size, timeout)
     shared = None

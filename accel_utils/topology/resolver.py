@@ -117,7 +117,8 @@ _layouts = IdentityCache()
 _layout_locks = IdentityCache()
 
 
-def _fresh_caches() -> None:
+def forget_world() -> None:
+    """Start the caches afresh if the default group changed since they were filled."""
     world = dist.group.WORLD if dist.is_initialized() else None
     with _world_lock:  # once per world: a second thread's clear would drop the first's entries
         if world is not _world_seen[0]:
@@ -144,7 +145,7 @@ def resolve(handle: Any = None) -> Topology:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return single_process()
-    _fresh_caches()
+    forget_world()
     key_obj = handle if handle is not None else dist.group.WORLD
     state = accelerate_state(handle)
     mesh_key = getattr(state, "device_mesh", None) if state is not None else None
@@ -284,7 +285,7 @@ def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
     """
     if group is None or not dist.is_initialized():
         return NodeLayout()
-    _fresh_caches()
+    forget_world()
     hit: NodeLayout | None = _layouts.get(group)
     if hit is not None:
         return hit

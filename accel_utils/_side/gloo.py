@@ -1,6 +1,6 @@
 """Gloo side groups themselves: creation with few sockets, descriptor limits, parking.
 
-The side channel's protocol lives in :mod:`accel_utils.side_channel`; this module knows how a
+The protocol lives in :mod:`accel_utils._side.lane`; this module knows how a
 gloo group is made (lazily connected, so a rank holds sockets to its ring neighbours only), how
 to tell a process that has no descriptors left for one, how to wait on its operations a slice at
 a time, and where abandoned groups go: parked in a daemon thread's frame, never destroyed (a

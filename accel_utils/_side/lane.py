@@ -1,22 +1,14 @@
-"""The side channel: one gloo group per parent group (and thread), and the protocol over it.
+"""The lane: one parent group's side channel as one thread sees it, and its state machine.
 
 Every guard, barrier and probe is an *operation* on its parent group's lane. Each member numbers
 the operations it enters, so all members agree on the number ``seq`` of every call, failed ones
-included. An operation is one all-reduce (bitwise OR) of one int64 word that carries the call's
-identity (kind, label, ``seq``) twice, once inverted: any two members in different calls leave
-a bit set in both halves, so a mismatch raises on every rank instead of pairing the wrong calls.
+included. An operation is one all-reduce of one word (:class:`~.wire.Call`), so a mismatch
+raises on every rank instead of pairing the wrong calls.
 
 The gloo group is created by the first operation that needs it, under a store prefix named
-after that operation, and is never reused after a failure: every member that fails an
-operation (or learns of a failure through the store) parks its group, and the next operation
-builds a fresh one under its own ``seq``, so every member lands on the same prefix again.
-Parked groups are kept alive by a daemon thread, never destroyed: a gloo group's destructor
-waits for its pending operations, which would keep a failing rank from raising or exiting.
-
-A failure is published as a record in the job's store (first writer wins) *before* this rank
-gives up on the group; a rank that sees a connection drop reads the records first and waits a
-moment for one, so a peer's timeout is never mistaken for a death. While an operation lasts
-longer than ``POLL_S``, :class:`~accel_utils._pulse.Pulse` beats and watches the others' beats.
+after that operation, and is never reused after a failure: every member that fails an operation
+(or learns of a failure through the store) parks its group, and the next operation builds a
+fresh one under its own ``seq``, so every member lands on the same prefix again.
 """
 
 from __future__ import annotations
@@ -25,59 +17,24 @@ import logging
 import re
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from numbers import Real
 from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import PrefixStore
 
-from accel_utils._diagnosis import Diagnoses, error_from, store_deadline
-from accel_utils._gloo import (
-    connect_gloo,
-    descriptors_short,
-    finished,
-    park,
-    set_timeout,
-)
-from accel_utils._gloo import parked_count as parked_count  # part of this module's interface
 from accel_utils._identity_cache import IdentityCache
-from accel_utils._pulse import POLL_S, Mark, Pulse, mark_key
+from accel_utils._side.diagnosis import Diagnosis
+from accel_utils._side.gloo import connect_gloo, descriptors_short, finished, park, set_timeout
+from accel_utils._side.heartbeat import Pulse
+from accel_utils._side.timing import GRACE_S, POLL_S, store_deadline, unresponsive_window
+from accel_utils._side.wire import Call, Failure, Kind, Mark, Phase, Record, Reduced, mark_key
 from accel_utils.errors import SideChannelError
 
-logger = logging.getLogger(__name__)
-
-MAX_TIMEOUT = timedelta(days=30)  # longer ones overflow gloo's clock arithmetic: clamped
-DEFAULT_LIVENESS = 30.0  # seconds without a heartbeat before a member is named unresponsive
-_GRACE_S = 0.5  # our deadline trails gloo's timeout, so that gloo ends the operation itself
-_KINDS = {"create": 1, "barrier": 2, "guard": 3, "log": 4, "probe": 5}
-FAILED_BIT = 1 << 62
-CONFIRM_BIT = 1 << 61
-PAYLOAD_BITS = 30
-
-
-def as_timeout(value: Any, name: str = "timeout") -> timedelta:
-    """A positive ``timedelta`` (at most 30 days) from a ``timedelta`` or seconds."""
-    if isinstance(value, bool) or not isinstance(value, (timedelta, Real)):
-        raise TypeError(f"{name} must be a datetime.timedelta or seconds; got {value!r}")
-    if isinstance(value, timedelta):
-        limit = value
-    else:
-        limit = timedelta(seconds=min(float(value), MAX_TIMEOUT.total_seconds()))
-    if limit.total_seconds() <= 0:
-        raise ValueError(f"{name} must be positive; got {limit}")
-    if limit > MAX_TIMEOUT:
-        logger.debug("%s %s clamped to %s", name, limit, MAX_TIMEOUT)
-    return min(limit, MAX_TIMEOUT)
-
-
-def as_liveness(value: Any) -> float | None:
-    """Seconds of heartbeat silence that name a member unresponsive; None turns it off."""
-    return None if value is None else as_timeout(value, "liveness").total_seconds()
+logger = logging.getLogger("accel_utils.side_channel")
 
 
 class _Regroup(Exception):
@@ -85,7 +42,7 @@ class _Regroup(Exception):
 
 
 @dataclass(eq=False)
-class Lane(Diagnoses):
+class Lane:
     """One parent group's side channel as seen by one thread of this process."""
 
     name: str
@@ -101,12 +58,16 @@ class Lane(Diagnoses):
     work: Any = None  # the operation in flight, parked with the group on a failure
     label: str = ""  # the current operation's label (a guard's order)
     memo: dict[str, Any] = field(default_factory=dict)  # per-lane facts (probes, node posted)
+    diagnosis: Diagnosis = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.diagnosis = Diagnosis(self.name, self.rank, self.size, self.pulse)
 
     def post_place(self, node: int, local_rank: int, liveness: float | None) -> None:
         """Once per lane: this rank's node and local rank, so survivors can name its node."""
         if not self.memo.get("place"):
             key, value = f"node/{self.rank}", f"{node} {local_rank}"  # no reference to self
-            self.store(lambda s: s.set(key, value), liveness)
+            self.pulse.store(lambda s: s.set(key, value), liveness)
             self.memo["place"] = True
 
     def begin(self) -> int:
@@ -115,32 +76,41 @@ class Lane(Diagnoses):
         return self.seq
 
     def record_key(self, seq: int) -> str:
+        """Where operation ``seq``'s failure record lives (one key per group generation)."""
         return f"fail/{self.gen if self.group is not None else seq}"
 
+    def report(self, record: Record, liveness: float | None) -> Record:
+        """Publish ``record`` for its operation (first writer wins); returns the winner."""
+        return self.diagnosis.publish(self.record_key(record.seq), record, liveness)
+
+    def failure(self, seq: int, liveness: float | None) -> Record | None:
+        """Operation ``seq``'s failure record in the store, if any."""
+        return self.diagnosis.read(self.record_key(seq), liveness)
+
     # ------------------------------------------------------------------------ operations
-    def run(self, seq: int, kind: str, label: str, what: str, limit: timedelta,
+    def run(self, seq: int, kind: Kind, label: str, what: str, limit: timedelta,
             liveness: float | None, payload: int = 0, failed: bool = False,
-            wait: bool = True) -> int:
+            wait: bool = True) -> Reduced:
         """Operation ``seq``: the OR of every member's ``payload`` (and the failure bit).
 
         With ``wait=False`` this member only contributes (a failing rank that must not wait),
         then parks the group. Raises on every failure, naming who and why (see the module).
         """
         self.label = label
-        self.pulse.activate(seq, "a", liveness)
+        self.pulse.activate(seq, Phase.ARRIVED, liveness)
         # A member inside this operation for a while asks for a second round: a peer that
         # died or froze after its share went through must not let some members pass.
-        word = _encode(seq, kind, label, payload, failed, self.pulse.lasted() > POLL_S)
+        word = Call(kind, label, seq, payload, failed, self.pulse.lasted() > POLL_S).pack()
         try:
             while True:
                 try:
                     tensor = self._start(seq, word, what, limit, liveness)
                     if not wait:
                         self.abandon()
-                        return 0
-                    deadline = time.monotonic() + limit.total_seconds() + _GRACE_S
+                        return Reduced(0)
+                    deadline = time.monotonic() + limit.total_seconds() + GRACE_S
                     self._watch(finished(self.work), seq, what, deadline, limit, liveness)
-                    if int(tensor.item()) & CONFIRM_BIT:
+                    if Reduced(int(tensor.item())).confirm:
                         self._start(seq, word, what, limit, liveness)
                         self._watch(finished(self.work), seq, what, deadline, limit, liveness)
                     break
@@ -151,9 +121,10 @@ class Lane(Diagnoses):
         finally:
             self.pulse.deactivate()
         self.work = None
-        result = int(tensor.item())
-        if (result & 0xFFFF) & (result >> 16 & 0xFFFF):
-            self._mismatch(seq, f"{what}{label and f' {label!r}'} (call {seq})", liveness)
+        result = Reduced(int(tensor.item()))
+        if result.mismatched:
+            raise self.diagnosis.mismatch(
+                seq, f"{what}{label and f' {label!r}'} (call {seq})", liveness)
         return result
 
     def _start(self, seq: int, word: int, what: str, limit: timedelta,
@@ -171,19 +142,24 @@ class Lane(Diagnoses):
 
     def connect(self, seq: int, what: str, limit: timedelta, liveness: float | None) -> None:
         """Create the gloo group under operation ``seq``'s prefix (collective over members)."""
-        self.pulse.activate(seq, "a", liveness)
+        self.pulse.activate(seq, Phase.ARRIVED, liveness)
         try:
             self._create(seq, what, limit, liveness)
         finally:
             self.pulse.deactivate()
 
+    def _short_of_descriptors(self, seq: int, what: str, liveness: float | None,
+                              need: int = 0) -> None:
+        """Fail on every member, naming this one, if it cannot open a side group's sockets."""
+        short = descriptors_short(self.rank, need)
+        if short:  # a clear error on every member, not a socket error on one
+            self.fail(self.report(Record(Failure.RESOURCES, seq, self.rank, what,
+                                         message=short), liveness))
+
     def _create(self, seq: int, what: str, limit: timedelta, liveness: float | None) -> None:
         box: dict[str, Any] = {}
         base, rank, size = self.base, self.rank, self.size
-        short = descriptors_short(rank)
-        if short:  # a clear error on every member, not a socket error on one
-            self.fail(self.publish(seq, {"kind": "resources", "rank": rank, "message": short,
-                                         "what": what}, liveness))
+        self._short_of_descriptors(seq, what, liveness)
 
         def build() -> None:  # on its own connection: a rendezvous blocks its store client
             try:
@@ -202,14 +178,12 @@ class Lane(Diagnoses):
             if thread.is_alive():
                 return False
             if "error" in box:
-                if "Too many open files" in str(box["error"]):
-                    self.fail(self.publish(seq, {  # gloo ran out: ask for room for several
-                        "kind": "resources", "rank": rank, "what": what,
-                        "message": descriptors_short(rank, need=64)}, liveness))
+                if "Too many open files" in str(box["error"]):  # gloo ran out: ask for several
+                    self._short_of_descriptors(seq, what, liveness, need=64)
                 raise RuntimeError(f"Timed out creating the gloo side group: {box['error']}")
             return True
 
-        deadline = time.monotonic() + limit.total_seconds() + _GRACE_S
+        deadline = time.monotonic() + limit.total_seconds() + GRACE_S
         try:
             self._watch(built, seq, what, deadline, limit, liveness)
         except BaseException:
@@ -221,6 +195,7 @@ class Lane(Diagnoses):
     def _watch(self, done: Callable[[timedelta], Any], seq: int, what: str,
                deadline: float, limit: timedelta, liveness: float | None) -> None:
         """Wait until ``done(slice)`` is true, judging the others every ``POLL_S``."""
+        key = self.record_key(seq)
         while True:
             left = deadline - time.monotonic()
             step = max(min(POLL_S, left), 0.001)
@@ -231,16 +206,19 @@ class Lane(Diagnoses):
                 raise
             except RuntimeError as err:  # gloo's verdict: our timeout, or a lost peer
                 if "Timed out" in str(err) or "timeout" in str(err):
-                    self._timed_out(seq, what, limit, liveness, err)
-                self._lost(seq, what, liveness, err)
+                    self.fail(self.diagnosis.timed_out(key, seq, what, limit, liveness), err,
+                              liveness)
+                self.fail(self.diagnosis.lost(key, seq, what, self.label, liveness, err), err,
+                          liveness)
             if left <= 0:
-                self._timed_out(seq, what, limit, liveness, None)
+                self.fail(self.diagnosis.timed_out(key, seq, what, limit, liveness), None,
+                          liveness)
             self._judge(seq, what, liveness)
 
     def _judge(self, seq: int, what: str, liveness: float | None) -> None:
         record = self.pulse.records.get(self.record_key(seq))
         if record is not None:
-            if record["seq"] < seq:
+            if record.seq < seq:
                 raise _Regroup
             self.fail(record, liveness=liveness)
         if liveness is None:
@@ -252,12 +230,12 @@ class Lane(Diagnoses):
                                    "(its host is down or unreachable from this rank)")
         if not self.pulse.stale(seq, liveness):
             return
-        window = max(liveness / 2, 3 * POLL_S)  # name every member silent that long, not one
+        window = unresponsive_window(liveness)  # name every member silent that long, not one
         self.pulse.widen()
         if self.pulse.wide_for() >= window:
             stale = self.pulse.stale(seq, window)
-            self.fail(self.publish(seq, {"kind": "unresponsive", "ranks": stale,
-                                         "liveness_s": liveness, "what": what}, liveness))
+            self.fail(self.report(Record(Failure.UNRESPONSIVE, seq, self.rank, what,
+                                         ranks=tuple(stale), liveness_s=liveness), liveness))
 
     def abandon(self) -> None:
         """Stop using the group (it may hold a pending operation): park it, build anew later."""
@@ -265,26 +243,14 @@ class Lane(Diagnoses):
             park(self.group, self.work)
         self.group, self.work, self.timeout = None, None, None
 
-    def fail(self, record: dict[str, Any], cause: BaseException | None = None,
+    def fail(self, record: Record, cause: BaseException | None = None,
              liveness: float | None = None) -> NoReturn:
         """Abandon the group and raise the error that ``record`` describes."""
-        key = self.record_key(record["seq"])
+        key = self.record_key(record.seq)
         self.abandon()
-        if record["kind"] == "timeout":
-            record = self._complete(record, key, liveness)
-        raise error_from(record, self) from cause
-
-
-def _encode(seq: int, kind: str, label: str, payload: int, failed: bool, confirm: bool) -> int:
-    tag = _KINDS[kind] | (zlib.crc32(label.encode()) & 0x1F) << 3 | (seq & 0xFF) << 8
-    if not 0 <= payload < 1 << PAYLOAD_BITS:
-        raise ValueError(f"payload must fit in {PAYLOAD_BITS} bits; got {payload}")
-    return (tag | (~tag & 0xFFFF) << 16 | payload << 32 | (FAILED_BIT if failed else 0)
-            | (CONFIRM_BIT if confirm else 0))
-
-
-def payload_of(word: int) -> int:
-    return word >> 32 & ((1 << PAYLOAD_BITS) - 1)
+        if record.kind is Failure.TIMEOUT:
+            record = self.diagnosis.complete(record, key, liveness)
+        raise self.diagnosis.error(record) from cause
 
 
 # ----------------------------------------------------------------------------------- lanes
@@ -317,8 +283,22 @@ def lane_for(parent: dist.ProcessGroup) -> Lane:
         pulse = Pulse(base.clone() if hasattr(base, "clone") else base, rank, size, name)
         lane = lanes[tag] = Lane(name, rank, size,
                                  frozenset(dist.get_process_group_ranks(parent)), base, pulse)
-        lane.store(lambda s: s.set(mark_key(rank), str(Mark(0, "-", 0))), None)
+        lane.pulse.store(lambda s: s.set(mark_key(rank), str(Mark(0, Phase.NONE, 0))), None)
     return lane
+
+
+def side_group(parent: dist.ProcessGroup, limit: timedelta, what: str = "side group") -> Any:
+    """The gloo group of this thread's lane on ``parent``, created if it has none (collective
+    over ``parent``'s members then, waiting at most ``limit``)."""
+    lane = lane_for(parent)
+    if lane.group is None:
+        lane.connect(lane.begin(), what, limit, None)
+    return lane.group
+
+
+def lane_count() -> int:
+    """How many parent groups have lanes (for tests of the lifecycle)."""
+    return len(_lanes)
 
 
 def release_all() -> None:

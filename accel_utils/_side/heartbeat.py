@@ -1,19 +1,18 @@
-"""One background thread per side channel: heartbeats, failure alarms and bounded store calls.
+"""The heartbeat: one background thread per lane that beats, reads alarms and makes store calls.
 
 While this rank is inside a side-channel operation (a guard's block, a wait) for longer than
-0.1 s, the thread beats: it writes this rank's mark (``"seq phase count"``) into the job's
+``BEAT_AFTER_S``, the thread beats: it writes this rank's :class:`~.wire.Mark` into the job's
 store and reads the marks of the members it watches, its two ring neighbours (everyone's, once
 one of them falls silent, so that a verdict names every silent member). The waiting thread
 then judges from those observations alone, so it never blocks on the store itself. A quick
 operation costs the thread nothing: it only looks at a field every ``POLL_S``.
 
 The store load of a long wait is bounded per rank whatever the world size: two requests per
-beat (its mark; one read of the watched marks and the lane's alarm counter), a beat every
-``POLL_S`` for the first ``FAST_S`` of an operation, then every ``liveness / 6`` (at most
-``SLOW_BEAT_S``). Whoever publishes a failure record, or needs everyone's marks fresh (a
-*wake*), raises an alarm: the counter goes up, every member reads the record at its next beat
-and beats fast again for ``FAST_S``. (A connection held in a server-side ``wait`` would make
-the alarm instant, but measured on torch 2.13 it stalls gloo's lazy connections by 5 s.)
+beat (its mark; one read of the watched marks and the lane's alarm counter), at the pace of
+:func:`~.timing.beat_interval`. Whoever publishes a failure record, or needs everyone's marks
+fresh (a *wake*), raises an alarm: the counter goes up, every member reads the record at its
+next beat and beats fast again for ``FAST_S``. (A connection held in a server-side ``wait``
+would make the alarm instant, but measured on torch 2.13 it stalls gloo's lazy connections by 5 s.)
 
 Every store call runs on this thread, over a connection of its own (a store call on a
 partitioned host blocks for ~15 minutes whatever its timeout): callers wait at most a deadline
@@ -22,57 +21,20 @@ and then say that the job's store is lost.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
+from accel_utils._side.timing import BEAT_AFTER_S, FAST_S, POLL_S, beat_interval, store_deadline
+from accel_utils._side.wire import Mark, Phase, Record, mark_key
 from accel_utils.errors import SideChannelError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("accel_utils.side_channel")
 
-POLL_S = 0.5  # how often a wait beats while it is young (or woken)
-FAST_S = 5.0  # how long an operation (or a wake) keeps the beat at POLL_S
-SLOW_BEAT_S = 3.0  # the slowest beat of a long wait
-_BEAT_AFTER_S = 0.1  # operations shorter than this (every quick one) never beat
 ALARMS = "alarms"  # the lane's alarm counter
-
-
-@dataclass(frozen=True)
-class Mark:
-    """A member's latest heartbeat: the operation it is in, its phase there, a counter."""
-
-    seq: int
-    phase: str  # "w": running a guarded block first; "a": arrived (waiting); "-": none yet
-    count: int
-
-    @classmethod
-    def parse(cls, raw: bytes | str) -> Mark:
-        seq, phase, count = (raw.decode() if isinstance(raw, bytes) else raw).split()
-        return cls(int(seq), phase, int(count))
-
-    def __str__(self) -> str:
-        return f"{self.seq} {self.phase} {self.count}"
-
-
-def mark_key(rank: int) -> str:
-    return f"mark/{rank}"
-
-
-def beat_interval(lasted: float, liveness: float | None) -> float:
-    """Seconds between beats of an operation ``lasted`` seconds old (see the module)."""
-    if lasted < FAST_S:
-        return POLL_S
-    return min(max(POLL_S, (liveness or SLOW_BEAT_S * 6) / 6), SLOW_BEAT_S)
-
-
-def silence_s(liveness: float | None) -> float:
-    """Silence that proves a member is not beating: its slowest beat and the thread's lag."""
-    return beat_interval(FAST_S, liveness) + 2 * POLL_S
 
 
 def raise_alarm(store: Any, value: str) -> None:
@@ -93,7 +55,7 @@ class Pulse:
     def __init__(self, store: Any, rank: int, size: int, name: str) -> None:
         self._store, self._rank, self._size = store, rank, size
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._active: tuple[int, str, float, float | None] | None = None
+        self._active: tuple[int, Phase, float, float | None] | None = None
         self._count = 0
         self._last_beat = 0.0
         self._woken = -FAST_S  # when the last alarm arrived
@@ -102,7 +64,7 @@ class Pulse:
         self._busy_since: float | None = None
         self._stopped = False
         self.requests = 0  # store round trips asked for (calls and beats), for tests
-        self.records: dict[str, dict[str, Any]] = {}  # failure records seen, by key
+        self.records: dict[str, Record] = {}  # failure records seen, by key
         self.seen: dict[int, tuple[Mark, float]] = {}  # rank -> (mark, when it last changed)
         self._watch = sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
         self._alarms = 0  # alarms read so far
@@ -110,7 +72,7 @@ class Pulse:
         threading.Thread(target=self._run, name=f"accel-utils-pulse-{name}", daemon=True).start()
 
     # ------------------------------------------------------------------ the operating thread
-    def activate(self, seq: int, phase: str, liveness: float | None) -> None:
+    def activate(self, seq: int, phase: Phase, liveness: float | None) -> None:
         """This rank entered (or, for the same ``seq``, moved on inside) operation ``seq``."""
         old = self._active
         if old is not None and old[0] == seq:  # a first rank leaving its block: say so now
@@ -163,6 +125,11 @@ class Pulse:
             raise box[1]
         return box[0]
 
+    def store(self, fn: Callable[[Any], Any], liveness: float | None) -> Any:
+        """``fn(store)`` on this thread, within :func:`~.timing.store_deadline` (see
+        :meth:`call`)."""
+        return self.call(fn, store_deadline(liveness))
+
     def stuck_for(self) -> float:
         """How long the thread's current store call has been running (0 when idle)."""
         since = self._busy_since
@@ -200,7 +167,7 @@ class Pulse:
     def _beat(self) -> None:
         active = self._active
         now = time.monotonic()
-        if active is None or now - active[2] < _BEAT_AFTER_S:
+        if active is None or now - active[2] < BEAT_AFTER_S:
             return
         seq, phase, since, liveness = active
         if now - self._last_beat < beat_interval(min(now - since, now - self._woken), liveness):
@@ -240,7 +207,7 @@ class Pulse:
             record = self._store.get(key).decode()
             if record and record not in self.records:
                 self.requests += 1
-                self.records[record] = json.loads(self._store.get(record))
+                self.records[record] = Record.from_json(self._store.get(record))
             self._alarms += 1
             self._woken = time.monotonic()
 

@@ -1,0 +1,185 @@
+"""What travels between members: the operation word, the heartbeat mark, the failure record.
+
+* The **word**: each member's share of an operation's one all-reduce (bitwise OR) of one int64.
+  Bits 0-15 are the call's tag (kind, 5 bits of the label's CRC, the low 8 bits of ``seq``),
+  bits 16-31 the same tag inverted: two members in different calls leave a bit set in both
+  halves, so a mismatch shows in the OR on every rank. Bits 32-60 carry a payload (OR-ed), bit
+  61 asks for a confirming second round, bit 62 says a member failed.
+* The **mark**: a member's latest heartbeat in the job's store (``"seq phase count"``).
+* The **failure record**: JSON in the job's store under the operation's key, first writer wins.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict, dataclass
+from enum import Enum, IntEnum
+from typing import Any
+
+KIND_BITS = 3
+LABEL_BITS = 5
+SEQ_BITS = 8
+TAG_BITS = KIND_BITS + LABEL_BITS + SEQ_BITS  # one half of the mismatch check
+TAG_MASK = (1 << TAG_BITS) - 1
+PAYLOAD_SHIFT = 2 * TAG_BITS
+PAYLOAD_BITS = 29
+CONFIRM_BIT = 1 << (PAYLOAD_SHIFT + PAYLOAD_BITS)
+FAILED_BIT = CONFIRM_BIT << 1
+
+
+class Kind(IntEnum):
+    """Which operation a word belongs to (part of the tag)."""
+
+    CREATE = 1
+    BARRIER = 2
+    GUARD = 3
+    LOG = 4
+    PROBE = 5
+
+
+@dataclass(frozen=True)
+class Call:
+    """One member's share of operation ``seq``: what it is in, and what it contributes."""
+
+    kind: Kind
+    label: str
+    seq: int
+    payload: int = 0
+    failed: bool = False
+    confirm: bool = False
+
+    def pack(self) -> int:
+        """The int64 word (see the module docstring)."""
+        if not 0 <= self.payload < 1 << PAYLOAD_BITS:
+            raise ValueError(f"payload must fit in {PAYLOAD_BITS} bits; got {self.payload}")
+        label = zlib.crc32(self.label.encode()) & ((1 << LABEL_BITS) - 1)
+        seq = self.seq & ((1 << SEQ_BITS) - 1)
+        tag = int(self.kind) | label << KIND_BITS | seq << (KIND_BITS + LABEL_BITS)
+        return (tag | (~tag & TAG_MASK) << TAG_BITS | self.payload << PAYLOAD_SHIFT
+                | (FAILED_BIT if self.failed else 0) | (CONFIRM_BIT if self.confirm else 0))
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """The OR of every member's word for one operation."""
+
+    word: int
+
+    @property
+    def mismatched(self) -> bool:
+        """Members were in different calls (a tag bit set in both halves)."""
+        return bool(self.word & TAG_MASK & (self.word >> TAG_BITS))
+
+    @property
+    def failed(self) -> bool:
+        """A member contributed a failure (a first rank whose block raised)."""
+        return bool(self.word & FAILED_BIT)
+
+    @property
+    def confirm(self) -> bool:
+        """A member asks for a second round (it waited long: a peer may have died since)."""
+        return bool(self.word & CONFIRM_BIT)
+
+    @property
+    def payload(self) -> int:
+        """The OR of every member's payload."""
+        return self.word >> PAYLOAD_SHIFT & ((1 << PAYLOAD_BITS) - 1)
+
+
+class Phase(str, Enum):
+    """Where a member is inside an operation, as its mark says."""
+
+    WORKING = "w"  # running a guarded block first
+    ARRIVED = "a"  # waiting for the others
+    NONE = "-"  # in no operation yet
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A member's latest heartbeat: the operation it is in, its phase there, a counter."""
+
+    seq: int
+    phase: Phase
+    count: int
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Mark:
+        seq, phase, count = (raw.decode() if isinstance(raw, bytes) else raw).split()
+        return cls(int(seq), Phase(phase), int(count))
+
+    def __str__(self) -> str:
+        return f"{self.seq} {self.phase.value} {self.count}"
+
+
+def mark_key(rank: int) -> str:
+    return f"mark/{rank}"
+
+
+class Failure(str, Enum):
+    """Why an operation failed, as its record says."""
+
+    TIMEOUT = "timeout"  # a member's timeout ran out
+    UNRESPONSIVE = "unresponsive"  # members' heartbeats stopped for the liveness window
+    RESOURCES = "resources"  # a member cannot open the side group's sockets
+    FAILED = "failed"  # a first rank's block raised
+    DIED = "died"  # a connection dropped: members whose heartbeat stopped are gone
+
+
+@dataclass(frozen=True)
+class Record:
+    """A failed operation, as every member reads it from the job's store.
+
+    Attributes:
+        kind: why it failed.
+        seq: the operation.
+        by: the member that wrote the record.
+        what: the operation's name for messages (``"FirstRankPerNode"``, ``"barrier"``).
+        message: the failure's own words (an exception's, gloo's, a resource check's).
+        ranks: the members it names: the unresponsive, the dead.
+        missing: members that had not arrived (None: a timeout's publisher has not looked yet).
+        unresponsive: members that arrived but went silent (timeouts).
+        timeout_s: the timeout that ran out.
+        liveness_s: the liveness window that ran out.
+        rank: the failing first rank, or the member short of resources.
+        node: the failing first rank's node.
+        exc_type: the first rank's exception class name (or ``"died"``).
+        label: the operation's label (a guard's order).
+    """
+
+    kind: Failure
+    seq: int
+    by: int
+    what: str
+    message: str = ""
+    ranks: tuple[int, ...] = ()
+    missing: tuple[int, ...] | None = None
+    unresponsive: tuple[int, ...] = ()
+    timeout_s: float | None = None
+    liveness_s: float | None = None
+    rank: int | None = None
+    node: int | None = None
+    exc_type: str = ""
+    label: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "kind": self.kind.value})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Record:
+        """The record stored as ``raw``.
+
+        Raises:
+            ValueError: not a record this version of accel-utils writes (another version on
+                some ranks, or a foreign key).
+        """
+        try:
+            fields: dict[str, Any] = json.loads(raw)
+            fields["kind"] = Failure(fields["kind"])
+            for name in ("ranks", "missing", "unresponsive"):
+                if fields.get(name) is not None:
+                    fields[name] = tuple(fields[name])
+            return cls(**fields)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"not a side-channel failure record ({exc}): {raw!r:.200}; is "
+                             "the same accel-utils version installed on every rank?") from exc
