@@ -1,8 +1,9 @@
 """Barriers on the side channel: bounded waits that name the ranks that did not arrive.
 
-:func:`barrier` and :func:`barrier_and_log` are the library's barriers; the seed's
-``_barrier_with_timeout`` (False instead of an exception) and ``_create_gloo_group`` stay here as
-its compatibility surface, built on them.
+:func:`barrier` and :func:`barrier_and_log` are the library's barriers. The underscore names
+``_barrier_with_timeout`` (False instead of an exception) and ``_create_gloo_group`` are NeMo
+Automodel's, kept as a compatibility surface for ported code and built on the same lane; the
+library itself never calls them.
 
 Each parent group (the default group, a subgroup, an Accelerator's group) gets one gloo side
 group (see :mod:`accel_utils._side`), created on first use and reused by every later

@@ -25,8 +25,10 @@ from accel_utils._side import (
     Failure,
     Kind,
     Lane,
+    Order,
     Phase,
     Record,
+    Reduced,
     as_liveness,
     as_timeout,
     lane_for,
@@ -50,7 +52,7 @@ class _Entry:
     liveness: float | None
     lane: Lane | None = None
     seq: int = 0
-    order: str = "global"
+    order: Order = Order.GLOBAL
     first: bool = True
     outer: _Entry | None = None  # set when an enclosing guard already orders this block
     inner_failure: BaseException | None = None
@@ -73,7 +75,7 @@ class FirstRankPerNode(ContextDecorator):
             ``"auto"``: probe once whether ``path`` is shared between nodes (see
             :func:`path_is_shared`) and use global order if it is, per-node order if not.
         timeout: how long a rank waits for the first ranks (default 10 hours, at most 30 days).
-            The seed's ``__enter__(timeout=...)`` is still accepted; this is the way with ``with``.
+            ``__enter__(timeout=...)`` overrides it for one entry (NeMo Automodel's spelling).
         path: the cache directory, required with ``local="auto"`` only.
         liveness: how long (seconds or a timedelta) a member's heartbeat may stop while the
             guard lasts before every other member raises :class:`RanksNotRespondingError`
@@ -127,7 +129,7 @@ class FirstRankPerNode(ContextDecorator):
         """Wait for the first ranks unless this rank is one; True on the ranks that go first.
 
         Args:
-            timeout: overrides the constructor's ``timeout`` for this entry (the seed's place).
+            timeout: overrides the constructor's ``timeout`` for this entry.
         """
         limit = self.timeout if timeout is None else as_timeout(timeout)
         topo = resolve(self.group)
@@ -136,7 +138,8 @@ class FirstRankPerNode(ContextDecorator):
             lane = entry.lane = lane_for(topo.group)
             entry.outer = _enclosing(lane)
             entry.order = self._order(topo, entry.outer, limit)
-            entry.first = topo.nodes.local_rank == 0 if entry.order == "local" else topo.rank == 0
+            place = topo.nodes.local_rank if entry.order is Order.PER_NODE else topo.rank
+            entry.first = place == 0
             if entry.outer is not None and entry.outer.order != entry.order:
                 raise ValueError("a nested FirstRankPerNode on the same group must use the same "
                                  "order")
@@ -169,7 +172,7 @@ class FirstRankPerNode(ContextDecorator):
             exc_tb: its traceback, else None.
 
         Returns:
-            False: an exception raised in the block propagates (the seed's contract).
+            False: an exception raised in the block propagates on the rank that raised it.
         """
         entry = self._entries().pop()
         _stack().remove(entry)
@@ -188,9 +191,9 @@ class FirstRankPerNode(ContextDecorator):
             raise entry.lane.diagnosis.error(_record(entry, failure)) from failure
         return False
 
-    def _order(self, topo: Topology, outer: _Entry | None, limit: timedelta) -> str:
+    def _order(self, topo: Topology, outer: _Entry | None, limit: timedelta) -> Order:
         if self.local != "auto":
-            return "local" if self.local else "global"
+            return Order.PER_NODE if self.local else Order.GLOBAL
         assert self.path is not None and topo.group is not None
         probes = lane_for(topo.group).memo.setdefault("shared", {})
         key = os.path.realpath(self.path)
@@ -204,7 +207,7 @@ class FirstRankPerNode(ContextDecorator):
                 logger.info("FirstRankPerNode: %s is %s -> %s order", self.path,
                             "shared between nodes" if probes[key] else "node-local",
                             "global" if probes[key] else "per-node")
-        return "global" if probes[key] else "local"
+        return Order.GLOBAL if probes[key] else Order.PER_NODE
 
 
 def _stack() -> list[_Entry]:
@@ -233,6 +236,13 @@ def _record(entry: _Entry, exc: BaseException) -> Record:
                   message=describe(exc)[:2000])
 
 
+def _run(entry: _Entry, payload: int = 0, failed: bool = False, wait: bool = True) -> Reduced:
+    """The guard's operation on its lane (see :meth:`Lane.run`)."""
+    assert entry.lane is not None
+    return entry.lane.run(entry.seq, Kind.GUARD, entry.order.value, _WHAT, entry.timeout,
+                          entry.liveness, payload, failed, wait)
+
+
 def _report_failure(entry: _Entry, exc: BaseException) -> None:
     """A first rank's block raised: record it and set the failure bit, without waiting."""
     lane = entry.lane
@@ -243,9 +253,8 @@ def _report_failure(entry: _Entry, exc: BaseException) -> None:
     try:
         lane.report(_record(entry, exc), entry.liveness)
         if lane.group is not None:  # else the others are still connecting: the record tells
-            lane.run(entry.seq, Kind.GUARD, entry.order, _WHAT, entry.timeout, entry.liveness,
-                     payload=min(entry.topo.rank + 1, (1 << PAYLOAD_BITS) - 1), failed=True,
-                     wait=False)
+            _run(entry, payload=min(entry.topo.rank + 1, (1 << PAYLOAD_BITS) - 1), failed=True,
+                 wait=False)
     except Exception:
         logger.debug("could not report the failure to the other ranks", exc_info=True)
     finally:
@@ -260,10 +269,9 @@ def _settle(entry: _Entry) -> None:
     seen = lane.pulse.records.get(lane.record_key(entry.seq))
     if seen is not None and seen.seq == entry.seq:  # heard of a failure during its block
         if lane.group is not None:
-            lane.run(entry.seq, Kind.GUARD, entry.order, _WHAT, entry.timeout, entry.liveness,
-                     wait=False)
+            _run(entry, wait=False)
         lane.fail(seen, liveness=entry.liveness)
-    reduced = lane.run(entry.seq, Kind.GUARD, entry.order, _WHAT, entry.timeout, entry.liveness)
+    reduced = _run(entry)
     if reduced.failed:
         rank = reduced.payload - 1
         lane.fail(lane.failure(entry.seq, entry.liveness) or Record(

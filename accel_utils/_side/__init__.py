@@ -24,7 +24,7 @@ which would keep a failing rank from raising or exiting. The package logs to
 from accel_utils._side.gloo import parked_count, set_timeout
 from accel_utils._side.lane import Lane, lane_count, lane_for, release_all, side_group
 from accel_utils._side.timing import DEFAULT_LIVENESS, as_liveness, as_timeout
-from accel_utils._side.wire import PAYLOAD_BITS, Failure, Kind, Phase, Record, Reduced
+from accel_utils._side.wire import PAYLOAD_BITS, Failure, Kind, Order, Phase, Record, Reduced
 
 __all__ = [
     "DEFAULT_LIVENESS",
@@ -32,6 +32,7 @@ __all__ = [
     "Failure",
     "Kind",
     "Lane",
+    "Order",
     "Phase",
     "Record",
     "Reduced",

@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from accel_utils._side.heartbeat import Pulse, raise_alarm, read_marks
 from accel_utils._side.timing import LOST_WAIT_S, POLL_S, SETTLE_S, silence_s
-from accel_utils._side.wire import Failure, Mark, Phase, Record, mark_key
+from accel_utils._side.wire import Failure, Mark, Order, Phase, Record, mark_key
 from accel_utils.errors import (
     BarrierTimeoutError,
     FirstRankFailedError,
@@ -202,7 +202,7 @@ class Diagnosis:
         local_ranks = {r: p[1] for r, p in places.items() if p is not None}
         if what == "FirstRankPerNode":  # the label is the order: a dead unfinished first rank
             first = [r for r in dead if r in missing and r in local_ranks and (
-                local_ranks[r] == 0 if record.label == "local" else r == 0)]
+                local_ranks[r] == 0 if record.label == Order.PER_NODE.value else r == 0)]
             if len(first) == 1:
                 others = [r for r in dead if r != first[0]]
                 return FirstRankFailedError(

@@ -87,6 +87,13 @@ class Reduced:
         return self.word >> PAYLOAD_SHIFT & ((1 << PAYLOAD_BITS) - 1)
 
 
+class Order(str, Enum):
+    """Which ranks of a guard go first; the guard's label on the wire is the value."""
+
+    PER_NODE = "local"  # each node's local rank 0
+    GLOBAL = "global"  # rank 0 of the group
+
+
 class Phase(str, Enum):
     """Where a member is inside an operation, as its mark says."""
 
