@@ -15,6 +15,12 @@ from typing import TYPE_CHECKING, Any
 # os.environ (see accel_utils/topology/launcher.py). Standard library only.
 from accel_utils.topology import launcher  # noqa: F401
 
+# This process's sign of life for the other ranks (accel_utils/_side/life.py): a thread that
+# waits for a default process group, then beats slowly. Standard library only.
+from accel_utils._side import life  # isort: skip
+
+life.start()
+
 __version__ = "0.1.0"  # the one version string: pyproject.toml reads it from here
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these lazily

@@ -298,6 +298,9 @@ def test_all_lists_every_export() -> None:
 
     # __all__ is a literal list for type checkers; it must stay in step with the lazy table
     assert sorted(accel_utils.__all__) == sorted([*accel_utils._EXPORTS, "logger", "__version__"])
+    for package in (accel_utils._side, accel_utils.topology):
+        assert sorted(package.__all__) == sorted(package._EXPORTS)
+        assert all(getattr(package, name) is not None for name in package.__all__)
 
 
 # ----------------------------------------------------------------------------- launches without

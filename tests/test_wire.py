@@ -6,10 +6,13 @@ groups in test_barriers.py and test_failure_semantics.py; here, the bit layout i
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from accel_utils._side.wire import (
     PAYLOAD_BITS,
+    WORDS,
     Call,
     Failure,
     Kind,
@@ -21,10 +24,11 @@ from accel_utils._side.wire import (
 
 
 def _or(*calls: Call) -> Reduced:
-    word = 0
+    words = [0] * WORDS
     for call in calls:
-        word |= call.pack()
-    return Reduced(word)
+        words = [a | b for a, b in zip(words, call.pack(), strict=True)]
+    assert all(-(1 << 63) <= w < 1 << 63 for w in words)  # what an int64 tensor holds
+    return Reduced(tuple(words))
 
 
 def test_a_full_payload_is_neither_a_confirm_request_nor_a_failure() -> None:
@@ -51,6 +55,19 @@ def test_different_calls_mismatch_and_equal_ones_do_not() -> None:
     assert not _or(guard, guard).mismatched
     assert _or(guard, Call(Kind.BARRIER, "global", 4)).mismatched
     assert _or(guard, Call(Kind.GUARD, "global", 5)).mismatched
+    # every bit of the call number counts: 8 of them did, so calls 256 apart paired
+    for seq in (1, 255, 1 << 20, (1 << 40) + 7):
+        assert _or(Call(Kind.LOG, "x", seq), Call(Kind.LOG, "x", seq + 256)).mismatched
+        assert _or(Call(Kind.LOG, "x", seq), Call(Kind.LOG, "x", seq + (1 << 32))).mismatched
+
+
+def test_labels_never_pair_with_other_labels() -> None:
+    # 5 bits of a CRC told labels apart: 1 pair in 32 of different labels paired silently
+    labels = [f"checkpoint {i}" for i in range(3000)] + ["", " ", "a", "A", "é", "\x00"]
+    calls = [Call(Kind.LOG, label, 9) for label in labels]
+    assert not any(_or(c, c).mismatched for c in calls)
+    missed = [(a.label, b.label) for a, b in itertools.pairwise(calls) if not _or(a, b).mismatched]
+    assert missed == []
 
 
 def test_marks_round_trip_with_their_phase() -> None:

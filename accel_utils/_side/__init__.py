@@ -12,6 +12,7 @@ exports, nobody imports its modules' insides. One module per concept:
 * :mod:`.diagnosis`: failure records and marks -> the error every rank raises.
 * :mod:`.gloo`: gloo group mechanics (lazy connections, descriptor checks, parking).
 * :mod:`.timing`: every clock, derived in one place, and the timeout arguments.
+* :mod:`.life`: this process's sign of life, from the first process group until its end.
 
 A failure is published as a record in the job's store (first writer wins) *before* this rank
 gives up on the group; a rank that sees a connection drop reads the records first and waits a
@@ -21,12 +22,29 @@ which would keep a failing rank from raising or exiting. The package logs to
 ``accel_utils.side_channel``.
 """
 
-from accel_utils._side.gloo import parked_count, set_timeout
-from accel_utils._side.lane import Lane, lane_count, lane_for, release_all, side_group
-from accel_utils._side.timing import DEFAULT_LIVENESS, as_liveness, as_timeout
-from accel_utils._side.wire import PAYLOAD_BITS, Failure, Kind, Order, Phase, Record, Reduced
+from __future__ import annotations
 
-__all__ = [
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from accel_utils._side.gloo import parked_count, set_timeout
+    from accel_utils._side.lane import Lane, lane_count, lane_for, release_all, side_group
+    from accel_utils._side.timing import DEFAULT_LIVENESS, as_liveness, as_timeout
+    from accel_utils._side.wire import PAYLOAD_BITS, Failure, Kind, Order, Phase, Record, Reduced
+
+# name -> module; loaded on first use, so that importing the sign-of-life thread's module at
+# ``import accel_utils`` (standard library only) does not import torch
+_EXPORTS = {
+    **dict.fromkeys(("parked_count", "set_timeout"), "accel_utils._side.gloo"),
+    **dict.fromkeys(("Lane", "lane_count", "lane_for", "release_all", "side_group"),
+                    "accel_utils._side.lane"),
+    **dict.fromkeys(("DEFAULT_LIVENESS", "as_liveness", "as_timeout"), "accel_utils._side.timing"),
+    **dict.fromkeys(("PAYLOAD_BITS", "Failure", "Kind", "Order", "Phase", "Record", "Reduced"),
+                    "accel_utils._side.wire"),
+}
+
+__all__ = [  # literal, for type checkers; tests/test_topology.py keeps it in step with _EXPORTS
     "DEFAULT_LIVENESS",
     "PAYLOAD_BITS",
     "Failure",
@@ -45,3 +63,12 @@ __all__ = [
     "set_timeout",
     "side_group",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'accel_utils._side' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -166,11 +166,13 @@ class Diagnosis:
         keys = [f"call/{seq}/{r}" for r in range(self.size)]
         self.pulse.store(lambda s: s.set(keys[self.rank], mine), liveness)
         end = time.monotonic() + 2 * LOST_WAIT_S
-        calls: dict[int, str] = {}
-        while time.monotonic() < end and len(calls) < self.size:
-            calls = self.pulse.store(lambda s: {r: s.get(k).decode() for r, k in enumerate(keys)
-                                                if s.check([k])}, liveness)
-            time.sleep(0.1)
+        while True:
+            calls: dict[int, str] = self.pulse.store(
+                lambda s: {r: s.get(k).decode() for r, k in enumerate(keys) if s.check([k])},
+                liveness)
+            if len(calls) == self.size or time.monotonic() >= end:
+                break
+            time.sleep(0.05)
         listed = "; ".join(f"rank {r}: {c}" for r, c in sorted(calls.items()))
         return SideChannelError(
             f"ranks made different side-channel calls on group {self.name!r} ({listed}): every "
@@ -191,6 +193,12 @@ class Diagnosis:
                                            self.nodes_of(record.ranks))
         if record.kind is Failure.RESOURCES:
             return SideChannelError(f"{what}: {record.message}", ranks=[record.by])
+        if record.kind is Failure.CREATION:
+            node = self.nodes_of((record.by,))[record.by]
+            return SideChannelError(
+                f"{what}: rank {record.by} (node {node}) could not create the side channel's "
+                f"gloo group: {record.exc_type}: {record.message} (check GLOO_SOCKET_IFNAME and "
+                "that every node can reach the others)", ranks=[record.by])
         if record.kind is Failure.FAILED:
             assert record.rank is not None
             return FirstRankFailedError(record.rank, record.node, record.exc_type, record.message)

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from accel_utils._side import life
 from accel_utils._side.timing import BEAT_AFTER_S, FAST_S, POLL_S, beat_interval, store_deadline
 from accel_utils._side.wire import Mark, Phase, Record, mark_key
 from accel_utils.errors import SideChannelError
@@ -50,10 +51,15 @@ class Pulse:
         rank: this member's rank in the parent group.
         size: the number of members.
         name: for the thread's name.
+        root: the job's store itself (no prefix) on this thread's connection, where every
+            process's sign of life is (see :mod:`~accel_utils._side.life`); None: not read.
+        global_ranks: each member's global rank, in group rank order (with ``root``).
     """
 
-    def __init__(self, store: Any, rank: int, size: int, name: str) -> None:
+    def __init__(self, store: Any, rank: int, size: int, name: str, root: Any = None,
+                 global_ranks: list[int] | None = None) -> None:
         self._store, self._rank, self._size = store, rank, size
+        self._root, self._globals = root, global_ranks
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._active: tuple[int, Phase, float, float | None] | None = None
         self._count = 0
@@ -66,6 +72,9 @@ class Pulse:
         self.requests = 0  # store round trips asked for (calls and beats), for tests
         self.records: dict[str, Record] = {}  # failure records seen, by key
         self.seen: dict[int, tuple[Mark, float]] = {}  # rank -> (mark, when it last changed)
+        # watched members not in the operation -> (sign of life, when it last changed)
+        self.lives: dict[int, tuple[life.Life, float]] = {}
+        self.read_at = time.monotonic()  # the last time the members' marks were read
         self._watch = sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
         self._alarms = 0  # alarms read so far
         self._exist: set[int] = set()  # members whose mark exists (no need to check again)
@@ -79,7 +88,7 @@ class Pulse:
             self._active = (seq, phase, old[2], liveness)
             self._last_beat = 0.0
             return
-        self.seen, self._wide, self.wide_since = {}, False, None
+        self.seen, self.lives, self._wide, self.wide_since = {}, {}, False, None
         self._active = (seq, phase, time.monotonic(), liveness)
 
     def widen(self) -> None:
@@ -141,10 +150,24 @@ class Pulse:
         return 0.0 if since is None else time.monotonic() - since
 
     def stale(self, seq: int | None, silent_s: float) -> list[int]:
-        """Members inside operation ``seq`` (any, for None) whose mark stood for ``silent_s``."""
-        now = time.monotonic()
+        """Members inside operation ``seq`` (any, for None) whose mark stood for ``silent_s``.
+
+        Silence counts until the last successful read only: a store that stopped answering
+        makes nobody silent (it is the store that is lost, see :meth:`stuck_for`).
+        """
+        now = self.read_at
         return sorted(r for r, (mark, since) in list(self.seen.items()) if r != self._rank
                       and seq in (None, mark.seq) and now - since >= silent_s)
+
+    def absent(self, silent_s: float | None) -> tuple[list[int], list[int]]:
+        """Watched members that have not entered the operation and whose process is gone
+        from this host, and those whose sign of life stood still for ``silent_s`` (None: not
+        judged): dead or frozen before they arrived, not merely late."""
+        lives = list(self.lives.items())
+        gone = sorted(r for r, (sign, _) in lives if sign.gone_from_this_host())
+        silent = [] if silent_s is None else sorted(
+            r for r, (_, since) in lives if r not in gone and self.read_at - since >= silent_s)
+        return gone, silent
 
     # --------------------------------------------------------------------- the pulse thread
     def _run(self) -> None:
@@ -188,6 +211,8 @@ class Pulse:
             alarms, marks = int(values[0]), {r: Mark.parse(v) for r, v in zip(ranks, values[1:],
                                                                                strict=True)}
         self._observe(marks)
+        self.read_at = time.monotonic()
+        self._observe_lives([r for r in ranks if r not in marks or marks[r].seq < seq])
         if wide and self.wide_since is None:  # not before _observe's own clock: a member
             self.wide_since = time.monotonic()  # silent all along is stale for all of wide_for
         if alarms > self._alarms:
@@ -210,6 +235,21 @@ class Pulse:
                 self.records[record] = Record.from_json(self._store.get(record))
             self._alarms += 1
             self._woken = time.monotonic()
+
+    def _observe_lives(self, absent: list[int]) -> None:
+        """Read the signs of life of the watched members not in the operation."""
+        if self._root is None or self._globals is None or not absent:
+            self.lives = {}
+            return
+        self.requests += 1
+        found = life.read(self._root, [self._globals[r] for r in absent])
+        now, lives = time.monotonic(), {}
+        for rank in absent:
+            sign = found.get(self._globals[rank])
+            if sign is not None:
+                old = self.lives.get(rank)
+                lives[rank] = old if old is not None and old[0] == sign else (sign, now)
+        self.lives = lives
 
     def _observe(self, marks: dict[int, Mark]) -> None:
         now = time.monotonic()

@@ -2,7 +2,7 @@
 
 Every guard, barrier and probe is an *operation* on its parent group's lane. Each member numbers
 the operations it enters, so all members agree on the number ``seq`` of every call, failed ones
-included. An operation is one all-reduce of one word (:class:`~.wire.Call`), so a mismatch
+included. An operation is one all-reduce of a few words (:class:`~.wire.Call`), so a mismatch
 raises on every rank instead of pairing the wrong calls.
 
 The gloo group is created by the first operation that needs it, under a store prefix named
@@ -27,12 +27,19 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import PrefixStore
 
 from accel_utils._identity_cache import IdentityCache
+from accel_utils._side import life
 from accel_utils._side.diagnosis import Diagnosis
 from accel_utils._side.gloo import connect_gloo, descriptors_short, finished, park, set_timeout
 from accel_utils._side.heartbeat import Pulse
-from accel_utils._side.timing import GRACE_S, POLL_S, store_deadline, unresponsive_window
+from accel_utils._side.timing import (
+    GRACE_S,
+    POLL_S,
+    absent_silence_s,
+    store_deadline,
+    unresponsive_window,
+)
 from accel_utils._side.wire import Call, Failure, Kind, Mark, Phase, Record, Reduced, mark_key
-from accel_utils.errors import SideChannelError
+from accel_utils.errors import SideChannelError, describe
 
 logger = logging.getLogger("accel_utils.side_channel")
 
@@ -100,18 +107,18 @@ class Lane:
         self.pulse.activate(seq, Phase.ARRIVED, liveness)
         # A member inside this operation for a while asks for a second round: a peer that
         # died or froze after its share went through must not let some members pass.
-        word = Call(kind, label, seq, payload, failed, self.pulse.lasted() > POLL_S).pack()
+        words = Call(kind, label, seq, payload, failed, self.pulse.lasted() > POLL_S).pack()
         try:
             while True:
                 try:
-                    tensor = self._start(seq, word, what, limit, liveness)
+                    tensor = self._start(seq, words, what, limit, liveness)
                     if not wait:
                         self.abandon()
-                        return Reduced(0)
+                        return Reduced.nothing()
                     deadline = time.monotonic() + limit.total_seconds() + GRACE_S
                     self._watch(finished(self.work), seq, what, deadline, limit, liveness)
-                    if Reduced(int(tensor.item())).confirm:
-                        self._start(seq, word, what, limit, liveness)
+                    if Reduced(tuple(tensor.tolist())).confirm:
+                        tensor = self._start(seq, words, what, limit, liveness)
                         self._watch(finished(self.work), seq, what, deadline, limit, liveness)
                     break
                 except _Regroup:
@@ -121,13 +128,13 @@ class Lane:
         finally:
             self.pulse.deactivate()
         self.work = None
-        result = Reduced(int(tensor.item()))
+        result = Reduced(tuple(tensor.tolist()))
         if result.mismatched:
             raise self.diagnosis.mismatch(
                 seq, f"{what}{label and f' {label!r}'} (call {seq})", liveness)
         return result
 
-    def _start(self, seq: int, word: int, what: str, limit: timedelta,
+    def _start(self, seq: int, words: list[int], what: str, limit: timedelta,
                liveness: float | None) -> torch.Tensor:
         if self.group is None:
             self._create(seq, what, limit, liveness)
@@ -136,7 +143,7 @@ class Lane:
             self.timeout = limit
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.BOR  # type: ignore[assignment]  # stubs: RedOpType
-        tensor = torch.tensor([word], dtype=torch.int64)
+        tensor = torch.tensor(words, dtype=torch.int64)
         self.work = self.group.allreduce([tensor], opts)
         return tensor
 
@@ -177,11 +184,19 @@ class Lane:
             thread.join(slice_.total_seconds())
             if thread.is_alive():
                 return False
-            if "error" in box:
-                if "Too many open files" in str(box["error"]):  # gloo ran out: ask for several
-                    self._short_of_descriptors(seq, what, liveness, need=64)
-                raise RuntimeError(f"Timed out creating the gloo side group: {box['error']}")
-            return True
+            error = box.get("error")
+            if error is None:
+                return True
+            # Evidence, not gloo's wording: a full descriptor table, else an error before the
+            # timeout is this member's own (an interface, a refused connection), else the
+            # rendezvous timed out and the marks say who did not come.
+            self._short_of_descriptors(seq, what, liveness, need=64)
+            if not _timed_out(deadline, limit):
+                self.fail(self.report(Record(
+                    Failure.CREATION, seq, self.rank, what, rank=self.rank,
+                    exc_type=type(error).__name__, message=describe(error)[:2000]), liveness),
+                    error, liveness)
+            raise error
 
         deadline = time.monotonic() + limit.total_seconds() + GRACE_S
         try:
@@ -205,7 +220,7 @@ class Lane:
             except SideChannelError:  # already a verdict
                 raise
             except RuntimeError as err:  # gloo's verdict: our timeout, or a lost peer
-                if "Timed out" in str(err) or "timeout" in str(err):
+                if _timed_out(deadline, limit):
                     self.fail(self.diagnosis.timed_out(key, seq, what, limit, liveness), err,
                               liveness)
                 self.fail(self.diagnosis.lost(key, seq, what, self.label, liveness, err), err,
@@ -221,6 +236,7 @@ class Lane:
             if record.seq < seq:
                 raise _Regroup
             self.fail(record, liveness=liveness)
+        self._judge_absent(seq, what, liveness)
         if liveness is None:
             return
         patience = store_deadline(liveness)
@@ -237,6 +253,20 @@ class Lane:
             self.fail(self.report(Record(Failure.UNRESPONSIVE, seq, self.rank, what,
                                          ranks=tuple(stale), liveness_s=liveness), liveness))
 
+    def _judge_absent(self, seq: int, what: str, liveness: float | None) -> None:
+        """Watched members that never entered this operation: dead (gone from this host) at
+        once, not responding once their sign of life stood still (see ``absent_silence_s``)."""
+        window = None if liveness is None else absent_silence_s(liveness)
+        gone, silent = self.pulse.absent(window)
+        if gone:
+            self.fail(self.report(Record(
+                Failure.DIED, seq, self.rank, what, ranks=tuple(gone), missing=tuple(gone),
+                label=self.label, message="its process is gone; it never entered this call"),
+                liveness))
+        if silent:
+            self.fail(self.report(Record(Failure.UNRESPONSIVE, seq, self.rank, what,
+                                         ranks=tuple(silent), liveness_s=window), liveness))
+
     def abandon(self) -> None:
         """Stop using the group (it may hold a pending operation): park it, build anew later."""
         if self.group is not None:
@@ -251,6 +281,13 @@ class Lane:
         if record.kind is Failure.TIMEOUT:
             record = self.diagnosis.complete(record, key, liveness)
         raise self.diagnosis.error(record) from cause
+
+
+def _timed_out(deadline: float, limit: timedelta) -> bool:
+    """Whether gloo's own timeout (``limit``, which our ``deadline`` trails) has run out by now:
+    the evidence that tells its timeout from any other error, whatever its message says."""
+    started = deadline - GRACE_S - limit.total_seconds()
+    return time.monotonic() - started >= 0.9 * limit.total_seconds()
 
 
 # ----------------------------------------------------------------------------------- lanes
@@ -278,11 +315,14 @@ def lane_for(parent: dist.ProcessGroup) -> Lane:
                 "timeout. Name the thread the same on every rank: threading.Thread(name=...), "
                 "ThreadPoolExecutor(thread_name_prefix=...)", tag)
         name = parent.group_name + (f"/thread:{tag}" if tag else "")
-        base = PrefixStore(f"accel_utils/side/{name}", parent.get_group_store())
+        root = life.root_store(parent.get_group_store())
+        connection = root.clone()  # the pulse thread's own: its calls may block for minutes
+        base = PrefixStore(f"accel_utils/side/{name}", root)
         rank, size = dist.get_rank(parent), dist.get_world_size(parent)
-        pulse = Pulse(base.clone() if hasattr(base, "clone") else base, rank, size, name)
-        lane = lanes[tag] = Lane(name, rank, size,
-                                 frozenset(dist.get_process_group_ranks(parent)), base, pulse)
+        members = dist.get_process_group_ranks(parent)
+        pulse = Pulse(PrefixStore(f"accel_utils/side/{name}", connection), rank, size, name,
+                      connection, members)
+        lane = lanes[tag] = Lane(name, rank, size, frozenset(members), base, pulse)
         lane.pulse.store(lambda s: s.set(mark_key(rank), str(Mark(0, Phase.NONE, 0))), None)
     return lane
 

@@ -25,6 +25,8 @@ LOST_WAIT_S = 2 * POLL_S  # after a lost connection: how long a peer's record ma
 STORE_MIN_S = 10.0  # a busy store host may stall a request for seconds: not a lost store
 STORE_S = 30.0  # how long a failure path waits for the store when liveness is off
 
+LIFE_BEAT_S = SLOW_BEAT_S  # a process's sign of life (see life.py): one store write this often
+
 DEFAULT_LIVENESS = 30.0  # seconds without a heartbeat before a member is named unresponsive
 MAX_TIMEOUT = timedelta(days=30)  # longer ones overflow gloo's clock arithmetic: clamped
 
@@ -48,6 +50,12 @@ def silence_s(liveness: float | None) -> float:
 def unresponsive_window(liveness: float) -> float:
     """Once one member is silent for ``liveness``: name every member silent this long."""
     return max(liveness / 2, 3 * POLL_S)
+
+
+def absent_silence_s(liveness: float) -> float:
+    """How long a member that never entered an operation must show no sign of life to be named:
+    the liveness window, but never less than two of its slow beats and the readers' lag."""
+    return max(liveness, 2 * LIFE_BEAT_S + 2 * POLL_S)
 
 
 def store_deadline(liveness: float | None) -> float:

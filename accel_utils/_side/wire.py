@@ -1,31 +1,38 @@
 """What travels between members: the operation word, the heartbeat mark, the failure record.
 
-* The **word**: each member's share of an operation's one all-reduce (bitwise OR) of one int64.
-  Bits 0-15 are the call's tag (kind, 5 bits of the label's CRC, the low 8 bits of ``seq``),
-  bits 16-31 the same tag inverted: two members in different calls leave a bit set in both
-  halves, so a mismatch shows in the OR on every rank. Bits 32-60 carry a payload (OR-ed), bit
-  61 asks for a confirming second round, bit 62 says a member failed.
+* The **words**: each member's share of an operation's one all-reduce (bitwise OR) of seven
+  int64s. Three carry the call's identity (kind and ``seq``; a 128-bit BLAKE2b digest of the
+  label), three the same inverted: two members in different calls leave a bit set in both a word
+  and its inverse, so a mismatch shows in the OR on every rank. The identity is whole (every
+  bit of ``seq``, the label's digest rather than a few bits of a checksum), so two different
+  calls never pair. The seventh word carries a payload (OR-ed) and two flags: a member asks for
+  a confirming second round, a member failed.
 * The **mark**: a member's latest heartbeat in the job's store (``"seq phase count"``).
 * The **failure record**: JSON in the job's store under the operation's key, first writer wins.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import zlib
 from dataclasses import asdict, dataclass
 from enum import Enum, IntEnum
 from typing import Any
 
 KIND_BITS = 3
-LABEL_BITS = 5
-SEQ_BITS = 8
-TAG_BITS = KIND_BITS + LABEL_BITS + SEQ_BITS  # one half of the mismatch check
-TAG_MASK = (1 << TAG_BITS) - 1
-PAYLOAD_SHIFT = 2 * TAG_BITS
-PAYLOAD_BITS = 29
-CONFIRM_BIT = 1 << (PAYLOAD_SHIFT + PAYLOAD_BITS)
+SEQ_BITS = 63 - KIND_BITS  # a job makes fewer calls than this on one lane
+PAYLOAD_BITS = 60
+CONFIRM_BIT = 1 << PAYLOAD_BITS
 FAILED_BIT = CONFIRM_BIT << 1
+IDENTITY_WORDS = 3  # kind and seq, then the label's digest in two words
+WORDS = 2 * IDENTITY_WORDS + 1
+_WORD = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """``value``'s 64 bits as the int64 a tensor holds."""
+    value &= _WORD
+    return value - (1 << 64) if value >> 63 else value
 
 
 class Kind(IntEnum):
@@ -49,42 +56,51 @@ class Call:
     failed: bool = False
     confirm: bool = False
 
-    def pack(self) -> int:
-        """The int64 word (see the module docstring)."""
+    def pack(self) -> list[int]:
+        """The int64 words (see the module docstring)."""
         if not 0 <= self.payload < 1 << PAYLOAD_BITS:
             raise ValueError(f"payload must fit in {PAYLOAD_BITS} bits; got {self.payload}")
-        label = zlib.crc32(self.label.encode()) & ((1 << LABEL_BITS) - 1)
-        seq = self.seq & ((1 << SEQ_BITS) - 1)
-        tag = int(self.kind) | label << KIND_BITS | seq << (KIND_BITS + LABEL_BITS)
-        return (tag | (~tag & TAG_MASK) << TAG_BITS | self.payload << PAYLOAD_SHIFT
-                | (FAILED_BIT if self.failed else 0) | (CONFIRM_BIT if self.confirm else 0))
+        if not 0 <= self.seq < 1 << SEQ_BITS:
+            raise ValueError(f"call number out of range: {self.seq}")
+        digest = hashlib.blake2b(self.label.encode(), digest_size=16).digest()
+        identity = [int(self.kind) | self.seq << KIND_BITS,
+                    int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")]
+        last = (self.payload | (FAILED_BIT if self.failed else 0)
+                | (CONFIRM_BIT if self.confirm else 0))
+        return [_signed(w) for w in (*identity, *(~w for w in identity), last)]
 
 
 @dataclass(frozen=True)
 class Reduced:
-    """The OR of every member's word for one operation."""
+    """The OR of every member's words for one operation."""
 
-    word: int
+    words: tuple[int, ...]
+
+    @classmethod
+    def nothing(cls) -> Reduced:
+        """What a member that only contributed (and did not wait) learns: nothing."""
+        return cls((0,) * WORDS)
 
     @property
     def mismatched(self) -> bool:
-        """Members were in different calls (a tag bit set in both halves)."""
-        return bool(self.word & TAG_MASK & (self.word >> TAG_BITS))
+        """Members were in different calls (a bit set in both a word and its inverse)."""
+        return any(self.words[i] & self.words[i + IDENTITY_WORDS] & _WORD
+                   for i in range(IDENTITY_WORDS))
 
     @property
     def failed(self) -> bool:
         """A member contributed a failure (a first rank whose block raised)."""
-        return bool(self.word & FAILED_BIT)
+        return bool(self.words[-1] & FAILED_BIT)
 
     @property
     def confirm(self) -> bool:
         """A member asks for a second round (it waited long: a peer may have died since)."""
-        return bool(self.word & CONFIRM_BIT)
+        return bool(self.words[-1] & CONFIRM_BIT)
 
     @property
     def payload(self) -> int:
         """The OR of every member's payload."""
-        return self.word >> PAYLOAD_SHIFT & ((1 << PAYLOAD_BITS) - 1)
+        return self.words[-1] & ((1 << PAYLOAD_BITS) - 1)
 
 
 class Order(str, Enum):
@@ -129,6 +145,7 @@ class Failure(str, Enum):
     TIMEOUT = "timeout"  # a member's timeout ran out
     UNRESPONSIVE = "unresponsive"  # members' heartbeats stopped for the liveness window
     RESOURCES = "resources"  # a member cannot open the side group's sockets
+    CREATION = "creation"  # a member could not create the side group (not a timeout)
     FAILED = "failed"  # a first rank's block raised
     DIED = "died"  # a connection dropped: members whose heartbeat stopped are gone
 
@@ -148,9 +165,9 @@ class Record:
         unresponsive: members that arrived but went silent (timeouts).
         timeout_s: the timeout that ran out.
         liveness_s: the liveness window that ran out.
-        rank: the failing first rank, or the member short of resources.
+        rank: the failing first rank, or the member that could not create the group.
         node: the failing first rank's node.
-        exc_type: the first rank's exception class name (or ``"died"``).
+        exc_type: the failing exception's class name (or ``"died"``).
         label: the operation's label (a guard's order).
     """
 

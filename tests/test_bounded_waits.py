@@ -1,0 +1,64 @@
+"""Every wait bounded, every diagnosis exact: members that never arrive, creation errors, the
+store's host, exact call matching (issue 25). Real gloo groups, hard timeouts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from accel_utils import BarrierTimeoutError, FirstRankFailedError, FirstRankPerNode
+from accel_utils.errors import SideChannelError
+from tests.harness import run_distributed
+
+_ERRORS = (BarrierTimeoutError, FirstRankFailedError, SideChannelError)
+
+
+def _outcome(exc: BaseException, start: float) -> dict:
+    return {"error": type(exc).__name__, "message": str(exc), "after": time.monotonic() - start,
+            "ranks": list(getattr(exc, "ranks", []))}
+
+
+def _first_guard_without(victim: int, fault: str, liveness: float) -> dict:
+    """Rank ``victim`` (node 1's first rank) never reaches its first guard: ``fault``."""
+    if dist.get_rank() == victim:
+        time.sleep(1.0)  # the others are inside the guard (creating its side group) by now
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault == "exit":  # a script whose exception ended its process before the guard
+            os._exit(1)
+        time.sleep(8.0)  # "late": alive, still loading data, then it comes
+    start = time.monotonic()
+    try:
+        with FirstRankPerNode(timeout=timedelta(hours=1), liveness=liveness):
+            pass
+    except _ERRORS as exc:
+        return _outcome(exc, start)
+    return {"passed": time.monotonic() - start}
+
+
+def test_a_rank_killed_before_its_first_guard_is_named_dead_within_seconds() -> None:
+    # the others sat in side-group creation until the guard's timeout (10 hours by default)
+    out = run_distributed(_first_guard_without, 4, 2, "kill", 30.0, nodes=2, timeout=60,
+                          expect_ok=False)
+    for rank in (0, 1, 3):
+        assert out[rank]["error"] == "SideChannelError", out[rank]
+        assert out[rank]["ranks"] == [2] and "rank 2" in out[rank]["message"], out[rank]
+        assert "died" in out[rank]["message"] and "never entered" in out[rank]["message"]
+        assert out[rank]["after"] < 10, out[rank]
+
+
+def test_a_rank_whose_script_exited_before_its_first_guard_is_named_dead() -> None:
+    out = run_distributed(_first_guard_without, 4, 2, "exit", 30.0, nodes=2, timeout=60,
+                          expect_ok=False)
+    for rank in (0, 1, 3):
+        assert out[rank]["error"] == "SideChannelError" and out[rank]["ranks"] == [2], out[rank]
+
+
+def test_a_late_rank_that_lives_is_waited_for_not_named() -> None:
+    # alive, 9 s late with a 2 s liveness window: its sign of life keeps it from being named
+    out = run_distributed(_first_guard_without, 4, 2, "late", 2.0, nodes=2, timeout=60)
+    assert all("passed" in o for o in out), out
