@@ -255,8 +255,10 @@ def _report_failure(entry: _Entry, exc: BaseException) -> None:
         if lane.group is not None:  # else the others are still connecting: the record tells
             _run(entry, payload=min(entry.topo.rank + 1, (1 << PAYLOAD_BITS) - 1), failed=True,
                  wait=False)
-    except Exception:
-        logger.debug("could not report the failure to the other ranks", exc_info=True)
+    except Exception as err:  # noqa: BLE001 - this rank raises its own error regardless
+        logger.warning("rank %d could not report its failure to the other ranks (%s): they "
+                       "learn of it from the side channel's liveness or timeout instead",
+                       entry.topo.rank, describe(err))
     finally:
         lane.pulse.deactivate()
         lane.abandon()

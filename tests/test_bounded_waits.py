@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from datetime import timedelta
 
@@ -62,3 +63,29 @@ def test_a_late_rank_that_lives_is_waited_for_not_named() -> None:
     # alive, 9 s late with a 2 s liveness window: its sign of life keeps it from being named
     out = run_distributed(_first_guard_without, 4, 2, "late", 2.0, nodes=2, timeout=60)
     assert all("passed" in o for o in out), out
+
+
+def _store_host_dies_while_rank_two_works() -> dict:
+    """Rank 0 hosts the job's TCPStore here (env:// rendezvous); it dies after its block."""
+    rank, start = dist.get_rank(), time.monotonic()
+    try:
+        with FirstRankPerNode(timeout=timedelta(seconds=60), liveness=5.0):
+            if rank == 0:  # dies 1 s after its block, waiting in the guard for rank 2
+                threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGKILL)).start()
+            if rank == 2:
+                time.sleep(6.0)  # still working when the store goes
+    except _ERRORS as exc:
+        return _outcome(exc, start)
+    return {"passed": time.monotonic() - start}
+
+
+def test_when_the_store_host_dies_live_ranks_are_not_named_dead() -> None:
+    # named "rank 0, rank 2 died" after 13 s, though rank 2 was alive and working
+    out = run_distributed(_store_host_dies_while_rank_two_works, 4, nodes=2, timeout=60,
+                          expect_ok=False)
+    for rank in (1, 2, 3):
+        o = out[rank]
+        assert o.get("error") == "SideChannelError", o
+        assert "lost the job's store" in o["message"] and "rank 0's process" in o["message"], o
+        assert o["ranks"] == [] and "died:" not in o["message"], o
+        assert o["after"] < 30, o

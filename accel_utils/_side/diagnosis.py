@@ -9,12 +9,12 @@ gathers evidence and turns it into records and exceptions, so it never raises a 
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import time
 from dataclasses import replace
 from datetime import timedelta
 
-from accel_utils._side.heartbeat import Pulse, raise_alarm, read_marks
+from accel_utils._side.heartbeat import Pulse, raise_alarm, read_marks, store_lost
 from accel_utils._side.timing import LOST_WAIT_S, POLL_S, SETTLE_S, silence_s
 from accel_utils._side.wire import Failure, Mark, Order, Phase, Record, mark_key
 from accel_utils.errors import (
@@ -23,8 +23,6 @@ from accel_utils.errors import (
     RanksNotRespondingError,
     SideChannelError,
 )
-
-logger = logging.getLogger("accel_utils.side_channel")
 
 
 class Diagnosis:
@@ -45,8 +43,7 @@ class Diagnosis:
         """The failure record under ``key``, if there is one (None also when the store is gone)."""
         try:
             found = self.pulse.store(lambda s: s.get(key) if s.check([key]) else None, liveness)
-        except Exception:
-            logger.debug("could not read a failure record", exc_info=True)
+        except SideChannelError:  # the store is gone: the pulse said so, callers ask it
             return None
         return None if found is None else Record.from_json(found)
 
@@ -58,9 +55,9 @@ class Diagnosis:
             if won == record:  # the first record: tell everyone now, nobody polls for it
                 self.pulse.store(lambda s: raise_alarm(s, key), liveness)
             return won
-        except Exception:
-            logger.debug("could not publish a side-channel failure record", exc_info=True)
-            return record
+        except SideChannelError as exc:  # no record can be shared: the verdict is the store
+            return Record(Failure.STORE_LOST, record.seq, self.rank, record.what,
+                          message=str(exc))
 
     def timed_out(self, key: str, seq: int, what: str, limit: timedelta,
                   liveness: float | None) -> Record:
@@ -95,6 +92,9 @@ class Diagnosis:
             if found is not None:
                 return found
             time.sleep(0.1)
+        if self.pulse.failing_since is not None:  # no mark can be read: nobody can be named
+            return Record(Failure.STORE_LOST, seq, self.rank, what,
+                          message=store_lost(time.monotonic() - self.pulse.failing_since))
         missing, _ = self.missing(seq, liveness)  # meanwhile the pulse watched every mark
         # Long enough to tell a silent member from a slowly beating one; and if nobody is
         # silent that long yet, one window more: the dead member's last mark may have reached
@@ -113,10 +113,8 @@ class Diagnosis:
     def post(self, seq: int, phase: Phase, liveness: float | None) -> None:
         """Write this rank's mark now (a failure path: the others are about to read marks)."""
         mark = str(Mark(seq, phase, int(time.monotonic() * 1000)))
-        try:
+        with contextlib.suppress(SideChannelError):  # the store is gone: the verdict says so
             self.pulse.store(lambda s: s.set(mark_key(self.rank), mark), liveness)
-        except Exception:
-            logger.debug("could not post a mark", exc_info=True)
 
     def wake(self, seq: int, liveness: float | None) -> None:
         """Make every member beat now (and fast for a while); watch all of them from here.
@@ -128,10 +126,8 @@ class Diagnosis:
         if self._woken == seq:
             return
         self._woken = seq
-        try:
+        with contextlib.suppress(SideChannelError):  # the store is gone: nobody can be judged
             self.pulse.store(lambda s: raise_alarm(s, ""), liveness)
-        except Exception:
-            logger.debug("could not wake the other members", exc_info=True)
 
     def missing(self, seq: int, liveness: float | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Members that had not arrived at ``seq``, and those that arrived but went silent."""
@@ -140,7 +136,7 @@ class Diagnosis:
         time.sleep(SETTLE_S)
         try:
             marks = self.pulse.store(lambda s: read_marks(s, range(self.size)), liveness)
-        except Exception:  # noqa: BLE001 - the store is gone: nobody can be named
+        except SideChannelError:  # the store is gone: nobody can be named
             return (), ()
         missing = tuple(r for r in range(self.size) if r not in marks or marks[r].seq < seq
                         or (marks[r].seq == seq and marks[r].phase is Phase.WORKING))
@@ -153,7 +149,7 @@ class Diagnosis:
         try:
             raw = self.pulse.store(lambda s: {r: s.get(k) if s.check([k]) else None
                                               for r, k in zip(ranks, keys, strict=True)}, None)
-        except Exception:  # noqa: BLE001 - the store is gone
+        except SideChannelError:  # the store is gone: places unknown
             return {r: None for r in ranks}
         return {r: None if v is None else (int(v.split()[0]), int(v.split()[1]))
                 for r, v in raw.items()}
@@ -199,6 +195,8 @@ class Diagnosis:
                 f"{what}: rank {record.by} (node {node}) could not create the side channel's "
                 f"gloo group: {record.exc_type}: {record.message} (check GLOO_SOCKET_IFNAME and "
                 "that every node can reach the others)", ranks=[record.by])
+        if record.kind is Failure.STORE_LOST:
+            return SideChannelError(f"{what}: {record.message}")
         if record.kind is Failure.FAILED:
             assert record.rank is not None
             return FirstRankFailedError(record.rank, record.node, record.exc_type, record.message)

@@ -22,20 +22,37 @@ and then say that the job's store is lost.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch.distributed as dist
+
 from accel_utils._side import life
 from accel_utils._side.timing import BEAT_AFTER_S, FAST_S, POLL_S, beat_interval, store_deadline
 from accel_utils._side.wire import Mark, Phase, Record, mark_key
-from accel_utils.errors import SideChannelError
+from accel_utils.errors import SideChannelError, describe
+from accel_utils.topology import launcher
 
 logger = logging.getLogger("accel_utils.side_channel")
 
 ALARMS = "alarms"  # the lane's alarm counter
+
+
+def store_lost(waited_s: float, cause: BaseException | None = None) -> str:
+    """Why no rank can be judged now: the job's store, where it is and who hosts it, is gone."""
+    addr, port = launcher.get("MASTER_ADDR"), launcher.get("MASTER_PORT")
+    where = f" at {addr}:{port}" if addr else ""
+    host = ("torchrun's agent on the rendezvous host" if os.environ.get(
+        "TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0's process (node 0)")
+    how = f"it failed ({describe(cause)})" if cause is not None else \
+        f"no answer for {waited_s:g}s"
+    return (f"lost the job's store{where}: {how}; it is hosted by {host}, which died or is "
+            "unreachable from this rank. Without the store no rank's heartbeat can be read, so "
+            "no rank is named")
 
 
 def raise_alarm(store: Any, value: str) -> None:
@@ -58,7 +75,7 @@ class Pulse:
 
     def __init__(self, store: Any, rank: int, size: int, name: str, root: Any = None,
                  global_ranks: list[int] | None = None) -> None:
-        self._store, self._rank, self._size = store, rank, size
+        self._store, self._rank, self._size, self._name = store, rank, size, name
         self._root, self._globals = root, global_ranks
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._active: tuple[int, Phase, float, float | None] | None = None
@@ -68,6 +85,7 @@ class Pulse:
         self._wide = False  # reading every member's mark in this operation
         self.wide_since: float | None = None  # the first reading of every member's mark
         self._busy_since: float | None = None
+        self.failing_since: float | None = None  # store calls fail (DistError) since then
         self._stopped = False
         self.requests = 0  # store round trips asked for (calls and beats), for tests
         self.records: dict[str, Record] = {}  # failure records seen, by key
@@ -114,12 +132,16 @@ class Pulse:
         Raises:
             SideChannelError: the store did not answer in time (lost the job's store).
         """
+        stuck = self.stuck_for()
+        if stuck >= deadline_s:  # an earlier call never came back: this one would queue behind
+            raise SideChannelError(store_lost(stuck))
         done = threading.Event()
         box: list[Any] = [None, None]
 
         def job() -> None:
             try:
                 box[0] = fn(self._store)
+                self._answered()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 box[1] = exc
             done.set()
@@ -127,11 +149,13 @@ class Pulse:
         self.requests += 1
         self._jobs.put(job)
         if not done.wait(deadline_s):
-            raise SideChannelError(
-                f"lost the job's store: no answer for {deadline_s:g}s (its host is down or "
-                "unreachable from this rank)")
-        if box[1] is not None:
-            raise box[1]
+            raise SideChannelError(store_lost(deadline_s))
+        error = box[1]
+        if isinstance(error, dist.DistError):  # the store's connection, not the caller's request
+            self._failed(error)
+            raise SideChannelError(store_lost(deadline_s, error)) from error
+        if error is not None:
+            raise error
         return box[0]
 
     def store(self, fn: Callable[[Any], Any], liveness: float | None) -> Any:
@@ -181,20 +205,36 @@ class Pulse:
                 if job is not None:
                     job()
                     job = None  # its closure may hold a lane (and its group): let it go now
-                self._beat()
-            except Exception:
-                logger.debug("side-channel heartbeat failed", exc_info=True)
+                if self._beat():
+                    self._answered()
+            except dist.DistError as exc:
+                self._failed(exc)
+            except Exception:  # a defect here must not stop the heartbeat: say it loudly
+                logger.exception("side-channel heartbeat of %s failed", self._name)
             finally:
                 self._busy_since = None
 
-    def _beat(self) -> None:
+    def _failed(self, exc: BaseException) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            logger.warning("side channel %s cannot reach the job's store (%s): its waits will "
+                           "end with 'lost the job's store' if it does not come back",
+                           self._name, describe(exc))
+
+    def _answered(self) -> None:
+        if self.failing_since is not None:
+            self.failing_since = None
+            logger.info("side channel %s reaches the job's store again", self._name)
+
+    def _beat(self) -> bool:
+        """Beat if it is time: write this rank's mark, read the watched ones (True if it did)."""
         active = self._active
         now = time.monotonic()
         if active is None or now - active[2] < BEAT_AFTER_S:
-            return
+            return False
         seq, phase, since, liveness = active
         if now - self._last_beat < beat_interval(min(now - since, now - self._woken), liveness):
-            return
+            return False
         self._last_beat = now
         self._count += 1
         self.requests += 2
@@ -220,6 +260,7 @@ class Pulse:
         if (liveness is not None and not self._wide
                 and self.stale(seq, liveness / 4)):  # from now on, watch who else goes silent
             self._wide = True
+        return True
 
     def _read_alarms(self, count: int) -> None:
         """File the records of alarms not read yet; beat fast again (a wake or a failure)."""

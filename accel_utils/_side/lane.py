@@ -30,7 +30,7 @@ from accel_utils._identity_cache import IdentityCache
 from accel_utils._side import life
 from accel_utils._side.diagnosis import Diagnosis
 from accel_utils._side.gloo import connect_gloo, descriptors_short, finished, park, set_timeout
-from accel_utils._side.heartbeat import Pulse
+from accel_utils._side.heartbeat import Pulse, store_lost
 from accel_utils._side.timing import (
     GRACE_S,
     POLL_S,
@@ -236,14 +236,14 @@ class Lane:
             if record.seq < seq:
                 raise _Regroup
             self.fail(record, liveness=liveness)
+        patience = store_deadline(liveness)
+        stuck = self.pulse.stuck_for()
+        if stuck > patience:  # every verdict needs the store: none can be had
+            self.abandon()
+            raise SideChannelError(f"{what}: {store_lost(stuck)}")
         self._judge_absent(seq, what, liveness)
         if liveness is None:
             return
-        patience = store_deadline(liveness)
-        if self.pulse.stuck_for() > patience:
-            self.abandon()
-            raise SideChannelError(f"{what}: lost the job's store: no answer for {patience:g}s "
-                                   "(its host is down or unreachable from this rank)")
         if not self.pulse.stale(seq, liveness):
             return
         window = unresponsive_window(liveness)  # name every member silent that long, not one

@@ -148,6 +148,7 @@ class Failure(str, Enum):
     CREATION = "creation"  # a member could not create the side group (not a timeout)
     FAILED = "failed"  # a first rank's block raised
     DIED = "died"  # a connection dropped: members whose heartbeat stopped are gone
+    STORE_LOST = "store_lost"  # the job's store stopped answering: nobody can be judged
 
 
 @dataclass(frozen=True)
