@@ -34,20 +34,21 @@ from accel_utils._side import (
     side_group,
 )
 from accel_utils.errors import BarrierTimeoutError, FirstRankFailedError, SideChannelError
-from accel_utils.topology import Topology, resolve
+from accel_utils.topology import Topology, node_layout, resolve
 
 logger = logging.getLogger(__name__)
 
 _LOG_TIMEOUT = timedelta(minutes=30)  # torch's default process group timeout
 
 
-def _lane(group: Any) -> tuple[Topology, Lane | None]:
+def _lane(group: Any, limit: timedelta, liveness: float | None) -> tuple[Topology, Lane | None]:
     """The caller's topology and, for more than one rank, this thread's lane on its group."""
     topo = resolve(group)
     if topo.world_size == 1 or topo.group is None:
         return topo, None
+    nodes = node_layout(topo.group, limit, liveness)
     lane = lane_for(topo.group)
-    lane.post_place(topo.nodes.node_rank, topo.nodes.local_rank, None)
+    lane.post_place(nodes.node_rank, nodes.local_rank, None)
     return topo, lane
 
 
@@ -99,7 +100,7 @@ def barrier(group: Any = None, *, timeout: Any = _LOG_TIMEOUT,
             different calls (``calls`` says which).
     """
     limit, live = as_timeout(timeout), as_liveness(liveness)
-    _, lane = _lane(group)
+    _, lane = _lane(group, limit, live)
     if lane is not None:
         lane.run(lane.begin(), Kind.BARRIER, "", "barrier", limit, live)
 
@@ -156,7 +157,7 @@ def barrier_and_log(string: str, group: Any = None, *, timeout: Any = _LOG_TIMEO
     """
     limit, live = as_timeout(timeout), as_liveness(liveness)
     start = time.monotonic()
-    topo, lane = _lane(group)
+    topo, lane = _lane(group, limit, live)
     last = 0
     if lane is not None:
         seq = lane.begin()

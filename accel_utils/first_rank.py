@@ -35,7 +35,7 @@ from accel_utils._side import (
 )
 from accel_utils.errors import describe
 from accel_utils.shared_dir import path_is_shared
-from accel_utils.topology import Topology, resolve
+from accel_utils.topology import Topology, node_layout, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ class FirstRankPerNode(ContextDecorator):
         topo = resolve(self.group)
         entry = _Entry(topo, limit, self.liveness)
         if topo.world_size > 1 and topo.group is not None:
+            node_layout(topo.group, limit, self.liveness)  # a gather where the launcher is silent
             lane = entry.lane = lane_for(topo.group)
             entry.outer = _enclosing(lane)
             entry.order = self._order(topo, entry.outer, limit)

@@ -20,7 +20,7 @@ from accel_utils._side import (
     as_timeout,
     lane_for,
 )
-from accel_utils.topology import resolve
+from accel_utils.topology import node_layout, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,10 @@ def path_is_shared(path: str | os.PathLike[str], group: Any = None, *,
     """
     limit, live = as_timeout(timeout), as_liveness(liveness)
     topo = resolve(group)
-    nodes = topo.nodes
-    if nodes.num_nodes == 1 or topo.world_size == 1 or topo.group is None:
+    if topo.world_size == 1 or topo.group is None:
+        return True
+    nodes = node_layout(topo.group, limit, live)
+    if nodes.num_nodes == 1:
         return True
     lane = lane_for(topo.group)
 

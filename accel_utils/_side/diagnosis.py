@@ -105,10 +105,20 @@ class Diagnosis:
                                           or not self.pulse.stale(None, silence)):
             time.sleep(0.1)
         dead = self.pulse.stale(None, silence)  # a live member has beaten since
+        cause = str(err).split(". This", 1)[0]
         return self.publish(key, Record(Failure.DIED, seq, self.rank, what,
-                                        message=str(err).split(". This", 1)[0],
+                                        message=f"lost the connection and the heartbeat ({cause})",
                                         ranks=tuple(dead), missing=missing, label=label),
                             liveness)
+
+    def gone(self, key: str, seq: int, what: str, label: str, liveness: float | None) -> Record:
+        """A watched member's process is gone: every member whose process is gone, named."""
+        missing, _ = self.missing(seq, liveness)
+        lives = self.pulse.read_lives(list(range(self.size)), liveness)
+        dead = tuple(r for r, sign in sorted(lives.items()) if sign.gone_from_this_host())
+        return self.publish(key, Record(Failure.DIED, seq, self.rank, what, ranks=dead,
+                                        missing=missing, label=label,
+                                        message="its process is gone from its host"), liveness)
 
     def post(self, seq: int, phase: Phase, liveness: float | None) -> None:
         """Write this rank's mark now (a failure path: the others are about to read marks)."""
@@ -213,13 +223,13 @@ class Diagnosis:
                 others = [r for r in dead if r != first[0]]
                 return FirstRankFailedError(
                     first[0], self.nodes_of((first[0],))[first[0]], "died",
-                    f"its process is gone (lost the connection, its heartbeat stopped"
-                    f"{f'; rank(s) {others} are gone too' if others else ''}): {record.message}")
+                    f"its process is gone: {record.message}"
+                    f"{f'; rank(s) {others} are gone too' if others else ''}")
         nodes = self.nodes_of(dead)
-        where = ", ".join(f"rank {r} (node {nodes[r]})" for r in dead)
+        where = ", ".join(f"rank {r}" + ("" if nodes[r] is None else f" (node {nodes[r]})")
+                          for r in dead)
         if dead:
-            return SideChannelError(f"{what}: {where} died: lost the connection and the "
-                                    f"heartbeat ({record.message})", ranks=list(dead))
+            return SideChannelError(f"{what}: {where} died: {record.message}", ranks=list(dead))
         return SideChannelError(f"{what}: lost the connection to a peer ({record.message}); no "
                                 f"rank could be named (ranks that had not arrived: "
                                 f"{list(missing)})", ranks=list(missing))

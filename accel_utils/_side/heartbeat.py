@@ -92,7 +92,7 @@ class Pulse:
         self.seen: dict[int, tuple[Mark, float]] = {}  # rank -> (mark, when it last changed)
         # watched members not in the operation -> (sign of life, when it last changed)
         self.lives: dict[int, tuple[life.Life, float]] = {}
-        self.read_at = time.monotonic()  # the last time the members' marks were read
+
         self._watch = sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
         self._alarms = 0  # alarms read so far
         self._exist: set[int] = set()  # members whose mark exists (no need to check again)
@@ -163,6 +163,14 @@ class Pulse:
         :meth:`call`)."""
         return self.call(fn, store_deadline(liveness))
 
+    def read_lives(self, ranks: list[int], liveness: float | None) -> dict[int, life.Life]:
+        """The signs of life of ``ranks`` (group ranks) that exist, read now (bounded)."""
+        if self._root is None or self._globals is None:
+            return {}
+        members = {self._globals[r]: r for r in ranks}
+        found = self.store(lambda _: life.read(self._root, list(members)), liveness)
+        return {members[g]: sign for g, sign in found.items()}
+
     def stuck_for(self) -> float:
         """How long the thread's current store call has been running (0 when idle)."""
         since = self._busy_since
@@ -176,10 +184,10 @@ class Pulse:
     def stale(self, seq: int | None, silent_s: float) -> list[int]:
         """Members inside operation ``seq`` (any, for None) whose mark stood for ``silent_s``.
 
-        Silence counts until the last successful read only: a store that stopped answering
-        makes nobody silent (it is the store that is lost, see :meth:`stuck_for`).
+        Silence counts only while the store answers: a store that stopped answering makes
+        nobody silent (it is the store that is lost, see :meth:`stuck_for`).
         """
-        now = self.read_at
+        now = self._answering_until()
         return sorted(r for r, (mark, since) in list(self.seen.items()) if r != self._rank
                       and seq in (None, mark.seq) and now - since >= silent_s)
 
@@ -187,11 +195,20 @@ class Pulse:
         """Watched members that have not entered the operation and whose process is gone
         from this host, and those whose sign of life stood still for ``silent_s`` (None: not
         judged): dead or frozen before they arrived, not merely late."""
-        lives = list(self.lives.items())
+        lives, now = list(self.lives.items()), self._answering_until()
         gone = sorted(r for r, (sign, _) in lives if sign.gone_from_this_host())
         silent = [] if silent_s is None else sorted(
-            r for r, (_, since) in lives if r not in gone and self.read_at - since >= silent_s)
+            r for r, (_, since) in lives if r not in gone and now - since >= silent_s)
         return gone, silent
+
+    def _answering_until(self) -> float:
+        """Now, or when the store stopped answering (silence after that proves nothing)."""
+        failing, stuck = self.failing_since, self._busy_since
+        if failing is not None:
+            return failing
+        if stuck is not None and time.monotonic() - stuck > 2 * POLL_S:  # a call hangs
+            return stuck
+        return time.monotonic()
 
     # --------------------------------------------------------------------- the pulse thread
     def _run(self) -> None:
@@ -251,7 +268,6 @@ class Pulse:
             alarms, marks = int(values[0]), {r: Mark.parse(v) for r, v in zip(ranks, values[1:],
                                                                                strict=True)}
         self._observe(marks)
-        self.read_at = time.monotonic()
         self._observe_lives([r for r in ranks if r not in marks or marks[r].seq < seq])
         if wide and self.wide_since is None:  # not before _observe's own clock: a member
             self.wide_since = time.monotonic()  # silent all along is stale for all of wide_for

@@ -134,6 +134,33 @@ class Lane:
                 seq, f"{what}{label and f' {label!r}'} (call {seq})", liveness)
         return result
 
+    def gather(self, seq: int, what: str, data: bytes, limit: timedelta,
+               liveness: float | None) -> list[bytes]:
+        """Operation ``seq``: every member's ``data``, in rank order, on every member.
+
+        One agreeing operation (so a member in another call, or absent, is diagnosed as in
+        every operation), then two all-gathers on the side group (sizes, bytes), each waited
+        on with the same deadline and judgement.
+        """
+        self.run(seq, Kind.GATHER, "", what, limit, liveness)
+        deadline = time.monotonic() + limit.total_seconds() + GRACE_S
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        self.pulse.activate(seq, Phase.ARRIVED, liveness)
+        try:
+            self.work = self.group.allgather([sizes], [torch.tensor([len(data)])])
+            self._watch(finished(self.work), seq, what, deadline, limit, liveness)
+            longest = max(int(n) for n in sizes)
+            mine = torch.zeros(longest, dtype=torch.uint8)
+            if data:
+                mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            out = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.size)]
+            self.work = self.group.allgather([out], [mine])
+            self._watch(finished(self.work), seq, what, deadline, limit, liveness)
+        finally:
+            self.pulse.deactivate()
+        self.work = None
+        return [bytes(o[: int(n)].tolist()) for o, n in zip(out, sizes, strict=True)]
+
     def _start(self, seq: int, words: list[int], what: str, limit: timedelta,
                liveness: float | None) -> torch.Tensor:
         if self.group is None:
@@ -259,10 +286,7 @@ class Lane:
         window = None if liveness is None else absent_silence_s(liveness)
         gone, silent = self.pulse.absent(window)
         if gone:
-            self.fail(self.report(Record(
-                Failure.DIED, seq, self.rank, what, ranks=tuple(gone), missing=tuple(gone),
-                label=self.label, message="its process is gone; it never entered this call"),
-                liveness))
+            self.fail(self.diagnosis.gone(self.record_key(seq), seq, what, self.label, liveness))
         if silent:
             self.fail(self.report(Record(Failure.UNRESPONSIVE, seq, self.rank, what,
                                          ranks=tuple(silent), liveness_s=window), liveness))
@@ -295,18 +319,20 @@ _lanes = IdentityCache()  # parent group -> {thread name: Lane}; entries die wit
 _DEFAULT_THREAD_NAME = re.compile(r"Thread-\d+( \(.*\))?$|ThreadPoolExecutor-\d+_\d+$")
 
 
-def lane_for(parent: dist.ProcessGroup) -> Lane:
+def lane_for(parent: dist.ProcessGroup, purpose: str = "") -> Lane:
     """This thread's lane on ``parent`` (created on first use; no collective, no waiting).
 
     Threads other than the main one get lanes of their own, matched across ranks by thread
     name: a guard in thread "loader" on one rank pairs with thread "loader" on the others.
+    With ``purpose``, the lane of that name whatever the thread (the library's own calls that
+    every rank makes once, from whichever thread asks first).
     """
     thread = threading.current_thread()
-    tag = "" if thread is threading.main_thread() else thread.name
+    tag = purpose or ("" if thread is threading.main_thread() else thread.name)
     lanes: dict[str, Lane] = _lanes.setdefault(parent, dict)
     lane: Lane | None = lanes.get(tag)
     if lane is None:
-        if _DEFAULT_THREAD_NAME.match(tag):
+        if not purpose and _DEFAULT_THREAD_NAME.match(tag):
             logger.warning(
                 "side channel for thread %r: threads are matched across ranks by name, and a "
                 "default name counts the threads this process started before (a logger or "
@@ -325,6 +351,15 @@ def lane_for(parent: dist.ProcessGroup) -> Lane:
         lane = lanes[tag] = Lane(name, rank, size, frozenset(members), base, pulse)
         lane.pulse.store(lambda s: s.set(mark_key(rank), str(Mark(0, Phase.NONE, 0))), None)
     return lane
+
+
+def close(parent: dist.ProcessGroup, purpose: str) -> None:
+    """Forget the ``purpose`` lane of ``parent`` after its last operation (every member does)."""
+    lanes: dict[str, Lane] | None = _lanes.get(parent)
+    lane = None if lanes is None else lanes.pop(purpose, None)
+    if lane is not None:  # nothing is pending on its group: freed now, not at exit
+        lane.pulse.stop()
+        lane.group = lane.work = None
 
 
 def side_group(parent: dist.ProcessGroup, limit: timedelta, what: str = "side group") -> Any:

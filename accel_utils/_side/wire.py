@@ -43,6 +43,7 @@ class Kind(IntEnum):
     GUARD = 3
     LOG = 4
     PROBE = 5
+    GATHER = 6
 
 
 @dataclass(frozen=True)

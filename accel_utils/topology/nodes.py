@@ -19,12 +19,13 @@ nodes; every process of one host uses the same address (loopback included), so t
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -327,10 +328,23 @@ def layout_from_launcher(group: dist.ProcessGroup) -> NodeLayout | None:
     return NodeLayout(node_rank, num_nodes, local_rank, local_size)
 
 
-def layout_from_gather(group: dist.ProcessGroup) -> NodeLayout:
-    """The layout from one gather of every member's :class:`NodeFacts` (collective)."""
-    facts: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(facts, local_facts(), group=group)
+def layout_from_gather(group: dist.ProcessGroup, timeout: timedelta,
+                       liveness: float | None) -> NodeLayout:
+    """The layout from one gather of every member's :class:`NodeFacts` (collective).
+
+    The gather is a side-channel operation on a lane of its own (whichever thread asks first
+    on each rank): bounded by ``timeout``, and a member that is dead, frozen or in another call
+    is named as in every guard or barrier.
+    """
+    from accel_utils._side.lane import close, lane_for  # the side channel needs torch's groups
+
+    lane = lane_for(group, "node-identity")
+    try:
+        raw = lane.gather(lane.begin(), "node identity", json.dumps(asdict(local_facts())).encode(),
+                          timeout, liveness)
+    finally:
+        close(group, "node-identity")
+    facts = [NodeFacts(**json.loads(r)) for r in raw]
     me = dist.get_rank(group)
     verdict = decide(facts, whole_world=len(facts) == dist.get_world_size())
     node = verdict.node_of[me]

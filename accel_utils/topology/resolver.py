@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from accel_utils._identity_cache import IdentityCache
+from accel_utils._side.timing import DEFAULT_LIVENESS
 from accel_utils.topology import launcher
 from accel_utils.topology.accelerate import accelerate_state
 from accel_utils.topology.launcher import LAUNCHER_VARIABLES
@@ -28,6 +30,10 @@ from accel_utils.topology.nodes import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The node gather happens at start-up, where every rank arrives within seconds of the others: a
+# rank that reads Topology.nodes alone learns it in minutes, not after a 10-hour guard timeout.
+NODES_TIMEOUT = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,10 @@ class Topology:
         launcher variables (as they were at ``import accel_utils``) and node key (host name
         and address toward the rendezvous): variables consistent with the group win, the node
         keys decide otherwise. See :func:`node_layout`.
+
+        The gather is collective: read it on every member of ``group`` (accel-utils' guards,
+        barriers and probes do, with their own timeouts). Read on some members only, it raises
+        :class:`~accel_utils.BarrierTimeoutError` naming the others after 5 minutes.
         """
         return node_layout(self.group)
 
@@ -273,15 +283,17 @@ def _from_accelerate(state: Any) -> Topology:
     return _from_group(_world_group(), device)
 
 
-def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
+def node_layout(group: dist.ProcessGroup | None, timeout: timedelta = NODES_TIMEOUT,
+                liveness: float | None = DEFAULT_LIVENESS) -> NodeLayout:
     """Node identity of this process within ``group`` (see :attr:`Topology.nodes`).
 
     Where the launcher described the whole layout (torchrun, accelerate launch: see
     :func:`~accel_utils.topology.nodes.layout_from_launcher`): from its variables, without a
     collective. Otherwise every member contributes its launcher claims and its node key (host
-    name and address toward the rendezvous) to one ``all_gather_object``, and every member
-    decides from the same list (:func:`accel_utils.topology.nodes.decide`): claims that are
-    consistent with the group win, else the node keys. Once per group; cached.
+    name and address toward the rendezvous) to one gather on the side channel, bounded by
+    ``timeout`` and judged with ``liveness`` like a barrier, and every member decides from the
+    same list (:func:`accel_utils.topology.nodes.decide`): claims that are consistent with the
+    group win, else the node keys. Once per group; cached.
     """
     if group is None or not dist.is_initialized():
         return NodeLayout()
@@ -296,6 +308,6 @@ def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
         hit = _layouts.get(group)
         if hit is None:
             log_changed_variables()
-            hit = layout_from_launcher(group) or layout_from_gather(group)
+            hit = layout_from_launcher(group) or layout_from_gather(group, timeout, liveness)
             _layouts.put(group, hit)
     return hit
