@@ -88,4 +88,26 @@ def test_when_the_store_host_dies_live_ranks_are_not_named_dead() -> None:
         assert o.get("error") == "SideChannelError", o
         assert "lost the job's store" in o["message"] and "rank 0's process" in o["message"], o
         assert o["ranks"] == [] and "died:" not in o["message"], o
-        assert o["after"] < 30, o
+        assert o["after"] < 30, out
+
+
+def _gather_without_rank_one() -> dict:
+    from accel_utils import gather_sharded_results
+
+    start = time.monotonic()
+    if dist.get_rank() == 1:  # scores nothing and never gathers (a branch the others took)
+        time.sleep(4.0)
+        return {}
+    try:
+        gather_sharded_results([0], (0, 2), timeout=1.5)
+    except _ERRORS as exc:
+        return {**_outcome(exc, start), "missing": getattr(exc, "missing_ranks", None)}
+    return {"passed": True}
+
+
+def test_the_eval_gather_is_bounded_and_names_the_rank_that_did_not_come() -> None:
+    # the results gather waited with whatever timeout the group had (30 minutes, or a guard's
+    # 10 hours on the side group), outside the side channel's diagnosis
+    out = run_distributed(_gather_without_rank_one, 2, timeout=60)
+    assert out[0]["error"] == "BarrierTimeoutError" and out[0]["missing"] == [1], out[0]
+    assert out[0]["after"] < 10, out[0]

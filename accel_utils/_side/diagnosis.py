@@ -92,9 +92,10 @@ class Diagnosis:
             if found is not None:
                 return found
             time.sleep(0.1)
-        if self.pulse.failing_since is not None:  # no mark can be read: nobody can be named
-            return Record(Failure.STORE_LOST, seq, self.rank, what,
-                          message=store_lost(time.monotonic() - self.pulse.failing_since))
+        failing = self.pulse.failing_since
+        if failing is not None:  # no mark can be read: nobody can be named
+            return Record(Failure.STORE_LOST, seq, self.rank, what, message=store_lost(
+                f"it fails since {time.monotonic() - failing:.1f}s"))
         missing, _ = self.missing(seq, liveness)  # meanwhile the pulse watched every mark
         # Long enough to tell a silent member from a slowly beating one; and if nobody is
         # silent that long yet, one window more: the dead member's last mark may have reached

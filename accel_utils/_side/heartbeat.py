@@ -42,14 +42,13 @@ logger = logging.getLogger("accel_utils.side_channel")
 ALARMS = "alarms"  # the lane's alarm counter
 
 
-def store_lost(waited_s: float, cause: BaseException | None = None) -> str:
-    """Why no rank can be judged now: the job's store, where it is and who hosts it, is gone."""
+def store_lost(how: str) -> str:
+    """Why no rank can be judged now: the job's store, where it is and who hosts it, is gone
+    (``how``: what this rank saw of it)."""
     addr, port = launcher.get("MASTER_ADDR"), launcher.get("MASTER_PORT")
     where = f" at {addr}:{port}" if addr else ""
     host = ("torchrun's agent on the rendezvous host" if os.environ.get(
         "TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0's process (node 0)")
-    how = f"it failed ({describe(cause)})" if cause is not None else \
-        f"no answer for {waited_s:g}s"
     return (f"lost the job's store{where}: {how}; it is hosted by {host}, which died or is "
             "unreachable from this rank. Without the store no rank's heartbeat can be read, so "
             "no rank is named")
@@ -134,7 +133,7 @@ class Pulse:
         """
         stuck = self.stuck_for()
         if stuck >= deadline_s:  # an earlier call never came back: this one would queue behind
-            raise SideChannelError(store_lost(stuck))
+            raise SideChannelError(store_lost(f"no answer for {stuck:.1f}s"))
         done = threading.Event()
         box: list[Any] = [None, None]
 
@@ -149,11 +148,11 @@ class Pulse:
         self.requests += 1
         self._jobs.put(job)
         if not done.wait(deadline_s):
-            raise SideChannelError(store_lost(deadline_s))
+            raise SideChannelError(store_lost(f"no answer for {deadline_s:g}s"))
         error = box[1]
         if isinstance(error, dist.DistError):  # the store's connection, not the caller's request
             self._failed(error)
-            raise SideChannelError(store_lost(deadline_s, error)) from error
+            raise SideChannelError(store_lost(f"it failed ({describe(error)})")) from error
         if error is not None:
             raise error
         return box[0]
@@ -170,6 +169,11 @@ class Pulse:
         members = {self._globals[r]: r for r in ranks}
         found = self.store(lambda _: life.read(self._root, list(members)), liveness)
         return {members[g]: sign for g, sign in found.items()}
+
+    def unanswered_for(self) -> float:
+        """How long the store has not answered: a call hanging, or calls failing (0: it does)."""
+        failing = self.failing_since
+        return max(self.stuck_for(), 0.0 if failing is None else time.monotonic() - failing)
 
     def stuck_for(self) -> float:
         """How long the thread's current store call has been running (0 when idle)."""

@@ -264,10 +264,11 @@ class Lane:
                 raise _Regroup
             self.fail(record, liveness=liveness)
         patience = store_deadline(liveness)
-        stuck = self.pulse.stuck_for()
-        if stuck > patience:  # every verdict needs the store: none can be had
+        unanswered = self.pulse.unanswered_for()
+        if unanswered > patience:  # every verdict needs the store: none can be had
             self.abandon()
-            raise SideChannelError(f"{what}: {store_lost(stuck)}")
+            raise SideChannelError(
+                f"{what}: {store_lost(f'no answer for {unanswered:.1f}s')}")
         self._judge_absent(seq, what, liveness)
         if liveness is None:
             return
