@@ -140,6 +140,13 @@ def test_ddp_accumulation_equals_one_process_and_syncs_once_per_step() -> None:
         assert len(rank["static"]["errors"]) == 3
 
 
+def _deepspeed_accelerator() -> object:
+    """A DeepSpeed Accelerator cannot exist on CPU: a stand-in with its type, mid-window."""
+    from accelerate.utils import DistributedType
+
+    return types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, sync_gradients=False)
+
+
 def _ddp_wrappers() -> dict:
     from accelerate import Accelerator
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -162,13 +169,7 @@ def _ddp_wrappers() -> dict:
     with get_sync_ctx(prepared, None, accelerator=acc):
         seen["acc_final"] = prepared.require_backward_grad_sync
 
-    from accelerate.utils import DistributedType
-
-    class DeepSpeedStandIn:  # a DeepSpeed Accelerator cannot exist on CPU: a stand-in with its type
-        distributed_type = DistributedType.DEEPSPEED
-        sync_gradients = False
-
-    with get_sync_ctx(ddp, None, accelerator=DeepSpeedStandIn()):
+    with get_sync_ctx(ddp, None, accelerator=_deepspeed_accelerator()):
         seen["deepspeed_accelerator"] = ddp.require_backward_grad_sync
 
     class DeepSpeedEngine(nn.Module):  # stand-in: its no_sync raises under ZeRO-2/3
@@ -228,7 +229,6 @@ def test_ddp_wrappers_accelerator_deepspeed_and_parts() -> None:
 
 def _group_spellings() -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
 
     acc = Accelerator(cpu=True)
     prepared = acc.prepare(_model())
@@ -240,12 +240,7 @@ def _group_spellings() -> dict:
                 seen[f"{name}_{synced}"] = prepared.require_backward_grad_sync
     with get_sync_ctx(prepared, False, group=dist.group.WORLD):  # a ProcessGroup: the model decides
         seen["process_group"] = prepared.require_backward_grad_sync
-
-    class DeepSpeedStandIn:  # a DeepSpeed Accelerator cannot exist on CPU: a stand-in with its type
-        distributed_type = DistributedType.DEEPSPEED
-        sync_gradients = False
-
-    with get_sync_ctx(prepared, None, group=DeepSpeedStandIn()):
+    with get_sync_ctx(prepared, None, group=_deepspeed_accelerator()):
         seen["deepspeed_group"] = prepared.require_backward_grad_sync
     for name, kwargs in {"both": {"group": acc, "accelerator": acc},
                          "no_accelerator": {"group": dist.group.WORLD}}.items():
