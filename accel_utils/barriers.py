@@ -38,7 +38,10 @@ from accel_utils.topology import Topology, node_layout, resolve
 
 logger = logging.getLogger(__name__)
 
-_LOG_TIMEOUT = timedelta(minutes=30)  # torch's default process group timeout
+# 30 min: torch's default process-group timeout, so a barrier waits for a late rank (one still
+# writing a checkpoint, say) as long as a collective on the job's own group would; a dead or
+# frozen rank is named after `liveness` anyway.
+_LOG_TIMEOUT = timedelta(minutes=30)
 
 
 def _lane(group: Any, limit: timedelta, liveness: float | None) -> tuple[Topology, Lane | None]:

@@ -102,6 +102,10 @@ class FirstRankPerNode(ContextDecorator):
         group: Any = None,
         *,
         local: bool | str = True,
+        # 10 h: the block is preprocessing (tokenizing, downloading a corpus) that can take
+        # hours on the first ranks while the others wait, and it is the seed's __enter__ default;
+        # a first rank that raises, dies or freezes is reported within seconds or `liveness`,
+        # so this bounds only a live rank that is still working.
         timeout: Any = timedelta(hours=10),
         path: str | os.PathLike[str] | None = None,
         liveness: Any = DEFAULT_LIVENESS,

@@ -29,6 +29,9 @@ _WHAT = "path_is_shared"
 
 
 def path_is_shared(path: str | os.PathLike[str], group: Any = None, *,
+                   # 5 min: between steps each node leader makes a directory, writes or stats one
+                   # small file: seconds even on a slow network filesystem, so a longer wait would
+                   # only delay the error when a mount hangs.
                    timeout: Any = timedelta(minutes=5), liveness: Any = DEFAULT_LIVENESS) -> bool:
     """Whether ``path`` is one directory shared by all nodes of ``group``.
 

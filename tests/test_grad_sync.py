@@ -140,6 +140,13 @@ def test_ddp_accumulation_equals_one_process_and_syncs_once_per_step() -> None:
         assert len(rank["static"]["errors"]) == 3
 
 
+def _deepspeed_accelerator() -> object:
+    """A DeepSpeed Accelerator cannot exist on CPU: a stand-in with its type, mid-window."""
+    from accelerate.utils import DistributedType
+
+    return types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, sync_gradients=False)
+
+
 def _ddp_wrappers() -> dict:
     from accelerate import Accelerator
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -162,13 +169,7 @@ def _ddp_wrappers() -> dict:
     with get_sync_ctx(prepared, None, accelerator=acc):
         seen["acc_final"] = prepared.require_backward_grad_sync
 
-    from accelerate.utils import DistributedType
-
-    class DeepSpeedStandIn:  # a DeepSpeed Accelerator cannot exist on CPU: a stand-in with its type
-        distributed_type = DistributedType.DEEPSPEED
-        sync_gradients = False
-
-    with get_sync_ctx(ddp, None, accelerator=DeepSpeedStandIn()):
+    with get_sync_ctx(ddp, None, accelerator=_deepspeed_accelerator()):
         seen["deepspeed_accelerator"] = ddp.require_backward_grad_sync
 
     class DeepSpeedEngine(nn.Module):  # stand-in: its no_sync raises under ZeRO-2/3
@@ -224,6 +225,40 @@ def test_ddp_wrappers_accelerator_deepspeed_and_parts() -> None:
         assert seen["own_inside"] is False and seen["own_final"] is True
         assert seen["plain"] == "nullcontext"
         assert seen["parts_inside"] == [False, False] and seen["parts_after"] == [True, True]
+
+
+def _group_spellings() -> dict:
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    prepared = acc.prepare(_model())
+    seen: dict = {}
+    for synced in (False, True):  # what accelerator.accumulate() sets mid-window, then last
+        acc.gradient_state._set_sync_gradients(synced)
+        for name in ("group", "accelerator"):
+            with get_sync_ctx(prepared, None, **{name: acc}):
+                seen[f"{name}_{synced}"] = prepared.require_backward_grad_sync
+    with get_sync_ctx(prepared, False, group=dist.group.WORLD):  # a ProcessGroup: the model decides
+        seen["process_group"] = prepared.require_backward_grad_sync
+    with get_sync_ctx(prepared, None, group=_deepspeed_accelerator()):
+        seen["deepspeed_group"] = prepared.require_backward_grad_sync
+    for name, kwargs in {"both": {"group": acc, "accelerator": acc},
+                         "no_accelerator": {"group": dist.group.WORLD}}.items():
+        try:
+            get_sync_ctx(prepared, None, **kwargs)
+            seen[name] = "no error"
+        except TypeError as exc:
+            seen[name] = str(exc)
+    return seen
+
+
+def test_group_and_accelerator_name_the_same_parameter() -> None:
+    for seen in run_distributed(_group_spellings, 2, timeout=90):
+        assert seen["group_False"] is seen["accelerator_False"] is False
+        assert seen["group_True"] is seen["accelerator_True"] is True
+        assert seen["process_group"] is False and seen["deepspeed_group"] is True
+        assert "both group= and accelerator=" in seen["both"], seen["both"]
+        assert "group=accelerator" in seen["no_accelerator"], seen["no_accelerator"]
 
 
 class NoSyncWrapper:
