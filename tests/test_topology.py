@@ -108,19 +108,21 @@ def test_subgroup_ranks_and_nodes() -> None:
 
 @contextlib.contextmanager
 def _gathers_counted() -> Iterator[list[int]]:
-    """Counts ``all_gather_object`` calls inside the block; the real collective runs."""
+    """Counts side-channel gathers (``Lane.gather``) inside the block; the real one runs."""
+    from accel_utils._side.lane import Lane
+
     calls: list[int] = []
-    real = dist.all_gather_object
+    real = Lane.gather
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    dist.all_gather_object = counting
+    Lane.gather = counting  # type: ignore[method-assign]
     try:
         yield calls
     finally:
-        dist.all_gather_object = real
+        Lane.gather = real  # type: ignore[method-assign]
 
 
 def _bare_launcher() -> dict:

@@ -25,6 +25,11 @@ from accel_utils.errors import (
 )
 
 
+def _watch_all_s(liveness: float | None) -> float:
+    """How long a timeout's publisher watches every member before it names the silent ones."""
+    return silence_s(liveness) + POLL_S
+
+
 class Diagnosis:
     """The failure evidence of one lane: records, marks, placements.
 
@@ -65,6 +70,12 @@ class Diagnosis:
         record = self.publish(key, Record(Failure.TIMEOUT, seq, self.rank, what,
                                           timeout_s=limit.total_seconds()), liveness)
         if record.kind is Failure.TIMEOUT and record.by == self.rank:
+            # The publisher judges for everyone, so it needs every member's mark watched long
+            # enough to tell a frozen member (its neighbours' view) from a quiet one.
+            self.wake(seq, liveness)
+            end = time.monotonic() + _watch_all_s(liveness)
+            while self.pulse.wide_for() < silence_s(liveness) and time.monotonic() < end:
+                time.sleep(0.1)
             missing, unresponsive = self.missing(seq, liveness)
             record = replace(record, missing=missing, unresponsive=unresponsive)
             self.pulse.store(lambda s: s.set(key, record.to_json()), liveness)
@@ -72,7 +83,7 @@ class Diagnosis:
 
     def complete(self, record: Record, key: str, liveness: float | None) -> Record:
         """A timeout record with the ranks its publisher names (one diagnosis for all)."""
-        end = time.monotonic() + SETTLE_S + LOST_WAIT_S
+        end = time.monotonic() + _watch_all_s(liveness) + SETTLE_S + LOST_WAIT_S
         while record.missing is None and time.monotonic() < end:
             time.sleep(0.1)
             record = self.read(key, liveness) or record
