@@ -103,7 +103,9 @@ def dp_eval_sample_shard(
         return _from_model(distributed_config, dp_rank, dp_size)
     accelerate = sys.modules.get("accelerate")
     if accelerate is not None:
-        if isinstance(distributed_config, accelerate.ParallelismConfig):
+        # ParallelismConfig arrived in Accelerate 1.10: an older release has none to be passed
+        parallelism_config = getattr(accelerate, "ParallelismConfig", None)
+        if parallelism_config is not None and isinstance(distributed_config, parallelism_config):
             return _from_parallelism_config(distributed_config, dp_rank, dp_size)
         is_accelerator = isinstance(distributed_config, accelerate.Accelerator)
         state = (distributed_config.state if is_accelerator

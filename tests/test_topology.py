@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from accel_utils._nodes import HOST_KEYS, NodeFacts, decide
 from accel_utils.topology import NodeLayout, Topology, resolve
 from tests.harness import launch_env, run_distributed, run_torchrun
+from tests.stacks import needs_parallelism_config
 
 
 def _summary(topo: Topology) -> dict:
@@ -202,6 +203,7 @@ def _accelerate_mesh() -> dict:
     return _summary(resolve(mesh)) | {"tp": resolve(mesh).tp_size}
 
 
+@needs_parallelism_config
 def test_accelerate_parallelism_mesh_reduces_over_dp_not_tp() -> None:
     out = run_distributed(_accelerate_mesh, 4)
     for rank, summary in enumerate(out):
@@ -239,14 +241,17 @@ def test_accelerator_and_partial_state() -> None:
         assert o["warnings"] == []
 
 
-def test_partial_state_without_cpu_trusts_torch_distributed_and_warns() -> None:
+def test_partial_state_without_cpu_trusts_torch_distributed_and_warns_if_they_disagree() -> None:
+    # What PartialState() without cpu=True makes of two CPU processes depends on the release:
+    # Accelerate 1.1 still counts 2 (MULTI_CPU), 1.15 counts 1 (it looked for GPUs). The
+    # library's view is torch.distributed's either way, with a warning exactly when they differ.
     if torch.cuda.is_available():
         pytest.skip("the cpu=True mistake only shows on a machine without a GPU")
     out = run_distributed(_accelerate_handles, 2, False)
     for rank, o in enumerate(out):
-        assert o["claimed"] == 1  # Accelerate's own view is wrong ...
-        assert o["state"]["rank"] == rank and o["state"]["world_size"] == 2  # ... ours is not
-        assert any("cpu=True" in w for w in o["warnings"])
+        assert o["state"]["rank"] == rank and o["state"]["world_size"] == 2
+        warned = any("cpu=True" in w for w in o["warnings"])
+        assert warned == (o["claimed"] != 2), o
 
 
 def _rows(runs) -> list[dict]:
