@@ -90,6 +90,7 @@ def _run_snippet(path: str) -> str:
     pytest.param(s, marks=needs_trainer_compatible_accelerate) if s == "trainer.py" else s
     for s in _snippet_files() if s.endswith(".py") and s not in RUN_ELSEWHERE
 ])
+@pytest.mark.stack
 def test_snippet_runs_on_two_processes(snippet: str) -> None:
     out = run_distributed(_run_snippet, 2, os.path.join(SNIPPETS, snippet), timeout=120)
     assert out == ["ok", "ok"]

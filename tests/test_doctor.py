@@ -84,6 +84,7 @@ def test_two_nodes_with_node_local_directories(tmp_path) -> None:
     assert "node-local" in _message(report, "path")
 
 
+@pytest.mark.stack
 @pytest.mark.timeout(60)
 def test_a_lying_environment_is_reported(tmp_path) -> None:
     # torchrun would overwrite LOCAL_WORLD_SIZE, so two workers are started by hand with a
@@ -180,6 +181,7 @@ def _accelerate_check_environ() -> dict:
             "plain_writes": {k: os.environ.get(k) for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}}
 
 
+@pytest.mark.stack
 def test_accelerate_check_leaves_the_environment_alone() -> None:
     from tests.harness import run_distributed
 
@@ -203,6 +205,7 @@ def _rows_for_accelerate(launcher: dict[str, str] | None) -> list[dict]:
     return rows
 
 
+@pytest.mark.stack
 def test_accelerate_local_index_without_local_rank_is_a_warning() -> None:
     from accel_utils.doctor.report import Report, check_accelerate
 

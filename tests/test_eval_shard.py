@@ -18,6 +18,8 @@ from accel_utils.eval_samples import _merge
 from tests.harness import run_distributed
 from tests.stacks import fsdp1_plugin, needs_parallelism_config
 
+pytestmark = pytest.mark.stack  # .ci/run runs this module again with the floor releases
+
 VOCAB, PROMPT, NEW = 32, 5, 4
 
 

@@ -21,6 +21,8 @@ from tests.stacks import (
     sharded_fsdp_plugin,
 )
 
+pytestmark = pytest.mark.stack  # .ci/run runs this module again with the floor releases
+
 
 class _LoopBase:
     """Stands in for Trainer.evaluate / evaluation_loop, which the mixin extends (the real Trainer
