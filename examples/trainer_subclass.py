@@ -10,6 +10,9 @@ the share of continuation tokens that greedy ``model.generate`` gets right, scor
 shards under DDP (dp_eval_sample_shard on the Trainer's accelerator) and gathered back in sample
 order (gather_sharded_results). Rank 0 prints one line ``METRICS {json}``; every rank prints
 ``DATA rank <r> built|loaded``.
+
+Runs on transformers 4.57.1 to 5.x with accelerate 1.3 or newer (the ``examples`` extra): the
+Trainer of both lines calls ``Accelerator.unwrap_model(keep_torch_compile=...)``, new in 1.3.
 """
 
 from __future__ import annotations
