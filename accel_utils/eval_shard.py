@@ -79,9 +79,10 @@ def dp_eval_sample_shard(
     * a ``DeviceMesh``: optional, checked like the Accelerator's; the mesh's dimension names say
       the layout (``dp`` / ``dp_replicate`` replicas; ``dp_shard``, ``tp`` and ``cp`` ranks
       score the same samples in lockstep).
-    * a ``ParallelismConfig``: this rank's index in the whole data-parallel group and its size
-      (``dp_replicate x dp_shard``); the replicate coordinate follows Accelerate's mesh order
-      (``dp_replicate`` outermost). Omitted, they come from the default group in that order.
+    * a ``ParallelismConfig`` (Accelerate 1.10+): this rank's index in the whole data-parallel
+      group and its size (``dp_replicate x dp_shard``); the replicate coordinate follows
+      Accelerate's mesh order (``dp_replicate`` outermost). Omitted, they come from the default
+      group in that order.
     * ``"ddp"``, ``"deepspeed_zero0..2"``, a replicated ``DistributedType`` or config class:
       the data-parallel rank and size; omitted, those of the default group.
     * ``"hsdp"`` (which carries no mesh): the replicate rank and the number of replicas; required.
@@ -106,7 +107,9 @@ def dp_eval_sample_shard(
         return _from_model(distributed_config, dp_rank, dp_size)
     accelerate = sys.modules.get("accelerate")
     if accelerate is not None:
-        if isinstance(distributed_config, accelerate.ParallelismConfig):
+        # ParallelismConfig arrived in Accelerate 1.10: an older release has none to be passed
+        parallelism_config = getattr(accelerate, "ParallelismConfig", None)
+        if parallelism_config is not None and isinstance(distributed_config, parallelism_config):
             return _from_parallelism_config(distributed_config, dp_rank, dp_size)
         is_accelerator = isinstance(distributed_config, accelerate.Accelerator)
         state = (distributed_config.state if is_accelerator

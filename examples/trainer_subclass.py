@@ -10,11 +10,15 @@ the share of continuation tokens that greedy ``model.generate`` gets right, scor
 shards under DDP (dp_eval_sample_shard on the Trainer's accelerator) and gathered back in sample
 order (gather_sharded_results). Rank 0 prints one line ``METRICS {json}``; every rank prints
 ``DATA rank <r> built|loaded``.
+
+Runs on transformers 4.57.1 to 5.x with accelerate 1.3 or newer (the ``examples`` extra): the
+Trainer of both lines calls ``Accelerator.unwrap_model(keep_torch_compile=...)``, new in 1.3.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -88,12 +92,18 @@ def main() -> None:
     disable_progress_bars()
 
     launched = "WORLD_SIZE" in launcher_env()  # torchrun / accelerate launch, else one process
+    # Training samples in order, so one process and two see the same batches: transformers 5
+    # has an argument for it; 4.57 lacks it, and its seeded shuffle is the same on any number
+    # of processes already.
+    in_order = {"train_sampling_strategy": "sequential"}
+    if "train_sampling_strategy" not in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        in_order = {}
     training = TrainingArguments(
         output_dir=args.output_dir, use_cpu=True, ddp_backend="gloo" if launched else None,
         ddp_find_unused_parameters=False, report_to=[], max_steps=args.steps, learning_rate=3e-3,
-        train_sampling_strategy="sequential", per_device_eval_batch_size=8, logging_strategy="no",
-        save_strategy="no", eval_strategy="no", seed=args.seed, disable_tqdm=True,
-        dataloader_num_workers=0,
+        per_device_eval_batch_size=8, logging_strategy="no", save_strategy="no",
+        eval_strategy="no", seed=args.seed, disable_tqdm=True, dataloader_num_workers=0,
+        **in_order,
     )
     # the same global batch, and so the same updates, on any number of processes
     training.per_device_train_batch_size = GLOBAL_BATCH // training.world_size

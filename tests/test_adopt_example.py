@@ -15,6 +15,8 @@ import pytest
 
 from tests.harness import REPO_ROOT, launch_env, run_torchrun
 
+pytestmark = pytest.mark.stack  # .ci/run runs this module again with the floor releases
+
 BEFORE = "docs/snippets/adopt_accelerate_before.py"
 AFTER = "examples/adopt_accelerate.py"
 DIFF = "docs/snippets/adopt_accelerate.diff"

@@ -154,6 +154,7 @@ def _log_after_barrier(handle_kind: str) -> list:
     return [m for lvl, m in keep.messages if lvl == "INFO"]
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("handle_kind", ["none", "accelerator"])
 def test_barrier_and_log_logs_once_on_rank_zero_with_the_last_rank(handle_kind: str) -> None:
     out = run_distributed(_log_after_barrier, 4, handle_kind)

@@ -23,6 +23,7 @@ import pytest
 import accel_utils
 from accel_utils.integrations.trainer import ShardedGenerationEvalMixin
 from tests.harness import REPO_ROOT, free_port, launch_env, run_distributed
+from tests.stacks import needs_trainer_compatible_accelerate
 
 DOCS = os.path.join(REPO_ROOT, "docs")
 SNIPPETS = os.path.join(DOCS, "snippets")
@@ -87,9 +88,11 @@ def _run_snippet(path: str) -> str:
     return "ok"
 
 
-@pytest.mark.parametrize(
-    "snippet", [s for s in _snippet_files() if s.endswith(".py") and s not in RUN_ELSEWHERE]
-)
+@pytest.mark.parametrize("snippet", [
+    pytest.param(s, marks=needs_trainer_compatible_accelerate) if s == "trainer.py" else s
+    for s in _snippet_files() if s.endswith(".py") and s not in RUN_ELSEWHERE
+])
+@pytest.mark.stack
 def test_snippet_runs_on_two_processes(snippet: str) -> None:
     out = run_distributed(_run_snippet, 2, os.path.join(SNIPPETS, snippet), timeout=120)
     assert out == ["ok", "ok"]

@@ -16,6 +16,9 @@ from hypothesis import strategies as st
 from accel_utils import dp_eval_sample_shard, gather_sharded_results, shard_samples
 from accel_utils.eval_samples import _merge
 from tests.harness import run_distributed
+from tests.stacks import fsdp1_plugin, needs_parallelism_config
+
+pytestmark = pytest.mark.stack  # .ci/run runs this module again with the floor releases
 
 VOCAB, PROMPT, NEW = 32, 5, 4
 
@@ -249,13 +252,12 @@ def _deepspeed_engines() -> list:
 
 
 # ---------------------------------------------------------------- the Accelerator form
+# Accelerate builds only MULTI_CPU Accelerators on CPU: it ignores an FSDP plugin and (1.10+)
+# refuses a ParallelismConfig. So each case sets, after construction, the state fields that
+# Accelerate sets on GPUs (distributed_type, fsdp_plugin, deepspeed plugin, parallelism_config,
+# device_mesh) and asks dp_eval_sample_shard about that state.
 def _accelerator_forms() -> dict:
-    # Accelerate 1.15 builds only MULTI_CPU Accelerators on CPU: it ignores an FSDP plugin and
-    # refuses a ParallelismConfig. So each case sets, after construction, the state fields that
-    # Accelerate sets on GPUs (distributed_type, fsdp_plugin, deepspeed plugin, parallelism_config,
-    # device_mesh) and asks dp_eval_sample_shard about that state.
-    from accelerate import Accelerator, DistributedType, ParallelismConfig
-    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate import Accelerator, DistributedType
 
     rank = dist.get_rank()
     acc = Accelerator(cpu=True)
@@ -271,12 +273,29 @@ def _accelerator_forms() -> dict:
         out[f"zero{stage}"] = dp_eval_sample_shard(acc)
     state.distributed_type = DistributedType.FSDP
     for strategy in ("NO_SHARD", "FULL_SHARD", "SHARD_GRAD_OP"):
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=1, sharding_strategy=strategy
-        )
+        state.fsdp_plugin = fsdp1_plugin(strategy)
         out[f"fsdp1_{strategy}"] = dp_eval_sample_shard(acc)
+    return out
+
+
+def test_accelerator_forms() -> None:
+    out = run_distributed(_accelerator_forms, 4, timeout=90)
+    for rank, o in enumerate(out):
+        assert o["multi_cpu"] == o["seed_style"] == o["zero2"] == o["fsdp1_NO_SHARD"] == (rank, 4)
+        assert "disagree" in o["mismatch"]
+        assert o["zero3"] is None
+        assert o["fsdp1_FULL_SHARD"] is None and o["fsdp1_SHARD_GRAD_OP"] is None
+
+
+def _accelerator_forms_fsdp2_and_meshes() -> dict:
+    from accelerate import Accelerator, DistributedType, ParallelismConfig
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    acc = Accelerator(cpu=True)
+    state = acc.state
+    state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
-    out["fsdp2"] = dp_eval_sample_shard(acc)
+    out = {"fsdp2": dp_eval_sample_shard(acc)}
     for name, pc in {
         "hsdp": ParallelismConfig(dp_replicate_size=2, dp_shard_size=2),
         "fsdp_tp": ParallelismConfig(dp_shard_size=2, tp_size=2),
@@ -293,13 +312,10 @@ def _accelerator_forms() -> dict:
     return out
 
 
-def test_accelerator_forms() -> None:
-    out = run_distributed(_accelerator_forms, 4, timeout=90)
+@needs_parallelism_config  # FSDP2 through Accelerate (1.6) is asked here too
+def test_accelerator_forms_fsdp2_and_parallelism_config() -> None:
+    out = run_distributed(_accelerator_forms_fsdp2_and_meshes, 4, timeout=90)
     for rank, o in enumerate(out):
-        assert o["multi_cpu"] == o["seed_style"] == o["zero2"] == o["fsdp1_NO_SHARD"] == (rank, 4)
-        assert "disagree" in o["mismatch"]
-        assert o["zero3"] is None
-        assert o["fsdp1_FULL_SHARD"] is None and o["fsdp1_SHARD_GRAD_OP"] is None
         assert o["fsdp2"] is None and o["fsdp_tp"] is None and o["pure_tp"] is None
         assert o["hsdp"] == o["hsdp_config_from_world"] == (rank // 2, 2)
 
@@ -345,6 +361,7 @@ def test_distributed_type_forms() -> None:
         assert dp_eval_sample_shard(every, 0, 2) in ((0, 2), None)
 
 
+@needs_parallelism_config
 def test_parallelism_config_forms() -> None:
     from accelerate import ParallelismConfig
 

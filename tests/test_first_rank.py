@@ -194,6 +194,7 @@ def _handles() -> dict:
     return roles
 
 
+@pytest.mark.stack
 def test_accepts_every_handle_kind_and_subgroups() -> None:
     out = run_distributed(_handles, 4, nodes=2)
     for rank, roles in enumerate(out):

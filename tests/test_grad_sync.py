@@ -215,6 +215,7 @@ def _ddp_wrappers() -> dict:
     return seen
 
 
+@pytest.mark.stack
 def test_ddp_wrappers_accelerator_deepspeed_and_parts() -> None:
     for seen in run_distributed(_ddp_wrappers, 2, timeout=90):
         assert seen["compiled_inside"] is False and seen["compiled_after"] is True

@@ -102,6 +102,7 @@ def test_manual_launch(cluster, placement, node_rank, accelerator) -> None:
         assert all(any("launcher variables" in m for m in o["log"]) for o in outs), report
 
 
+@pytest.mark.stack
 @pytest.mark.timeout(HARD_TIMEOUT + 30)
 @pytest.mark.parametrize("node_rank", [False, True], ids=["bare", "node_rank"])
 def test_accelerator_built_before_accel_utils_is_imported(cluster, node_rank) -> None:

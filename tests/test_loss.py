@@ -12,6 +12,7 @@ import torch.distributed as dist
 from accel_utils import reduce_loss
 from accel_utils.loss import _reduce_on_device
 from tests.harness import run_distributed
+from tests.stacks import needs_parallelism_config
 
 BARE_LAUNCHER = {"LOCAL_RANK": None, "LOCAL_WORLD_SIZE": None, "GROUP_RANK": None,
                  "GROUP_WORLD_SIZE": None}
@@ -109,6 +110,7 @@ def test_equals_one_process_over_all_micro_batches_in_one_collective(world_size:
         assert o["default"]["denom"] == tokens and o["default_calls"] == 1
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("kind", ["state", "subgroup"])
 def test_accepts_partial_state_and_process_groups(kind: str) -> None:
     out = run_distributed(_reduce_everywhere, 2, kind)
@@ -153,6 +155,8 @@ def _over_mesh_dp_not_tp() -> dict:
     return {"loss": float(loss), "denom": int(denom)}
 
 
+@pytest.mark.stack
+@needs_parallelism_config
 def test_reduces_over_data_parallel_ranks_not_tensor_parallel() -> None:
     loss, tokens = _expected(2, True)
     for o in run_distributed(_over_mesh_dp_not_tp, 4):

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from accel_utils import dp_eval_sample_shard, reduce_loss, resolve
 from tests.harness import run_distributed
+from tests.stacks import needs_parallelism_config
 
 
 def _mesh(layout: str) -> Any:
@@ -85,9 +86,14 @@ CASES: dict[str, Case] = {
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("world_size", [4, 8])
-def test_loss_group_and_eval_shard_per_layout(world_size: int) -> None:
-    layouts = [name for name, case in CASES.items() if case[0] == world_size]
+@pytest.mark.parametrize(
+    "world_size, meshes",
+    [(4, "torch"), pytest.param(4, "accelerate", marks=needs_parallelism_config), (8, "torch")],
+)
+def test_loss_group_and_eval_shard_per_layout(world_size: int, meshes: str) -> None:
+    accelerate = meshes == "accelerate"  # Accelerate-built meshes (1.10+) apart
+    layouts = [name for name, (size, *_) in CASES.items()
+               if size == world_size and name.startswith("accelerate_") == accelerate]
     out = run_distributed(_probe_all, world_size, layouts, timeout=180)
     for rank, seen in enumerate(out):
         for layout in layouts:

@@ -10,6 +10,8 @@ import pytest
 
 from tests.harness import launch_env, run_torchrun
 
+pytestmark = pytest.mark.stack  # .ci/run runs this module again with the floor releases
+
 
 @pytest.mark.timeout(150)
 def test_preprocess_guard_runs_without_arguments(tmp_path) -> None:

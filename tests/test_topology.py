@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from accel_utils.topology import NodeLayout, Topology, resolve
 from accel_utils.topology.nodes import HOST_KEYS, NodeFacts, decide
 from tests.harness import launch_env, run_distributed, run_torchrun
+from tests.stacks import needs_parallelism_config
 
 
 def _summary(topo: Topology) -> dict:
@@ -204,6 +205,8 @@ def _accelerate_mesh() -> dict:
     return _summary(resolve(mesh)) | {"tp": resolve(mesh).tp_size}
 
 
+@pytest.mark.stack
+@needs_parallelism_config
 def test_accelerate_parallelism_mesh_reduces_over_dp_not_tp() -> None:
     out = run_distributed(_accelerate_mesh, 4)
     for rank, summary in enumerate(out):
@@ -233,6 +236,7 @@ def _accelerate_handles(use_cpu: bool) -> dict:
             "warnings": records}
 
 
+@pytest.mark.stack
 def test_accelerator_and_partial_state() -> None:
     out = run_distributed(_accelerate_handles, 2, True)
     for rank, o in enumerate(out):
@@ -241,14 +245,18 @@ def test_accelerator_and_partial_state() -> None:
         assert o["warnings"] == []
 
 
-def test_partial_state_without_cpu_trusts_torch_distributed_and_warns() -> None:
+@pytest.mark.stack
+def test_partial_state_without_cpu_trusts_torch_distributed_and_warns_if_they_disagree() -> None:
+    # What PartialState() without cpu=True makes of two CPU processes depends on the release:
+    # Accelerate 1.1 still counts 2 (MULTI_CPU), 1.15 counts 1 (it looked for GPUs). The
+    # library's view is torch.distributed's either way, with a warning exactly when they differ.
     if torch.cuda.is_available():
         pytest.skip("the cpu=True mistake only shows on a machine without a GPU")
     out = run_distributed(_accelerate_handles, 2, False)
     for rank, o in enumerate(out):
-        assert o["claimed"] == 1  # Accelerate's own view is wrong ...
-        assert o["state"]["rank"] == rank and o["state"]["world_size"] == 2  # ... ours is not
-        assert any("cpu=True" in w for w in o["warnings"])
+        assert o["state"]["rank"] == rank and o["state"]["world_size"] == 2
+        warned = any("cpu=True" in w for w in o["warnings"])
+        assert warned == (o["claimed"] != 2), o
 
 
 def _rows(runs) -> list[dict]:
@@ -268,6 +276,7 @@ def test_two_simulated_nodes_under_torchrun() -> None:
     assert all(r["num_nodes"] == 2 and r["local_world_size"] == 2 for r in rows)
 
 
+@pytest.mark.stack
 def test_accelerator_under_torchrun() -> None:
     script = ["tests/scripts/report_topology.py", "accelerator"]
     rows = _rows(run_torchrun(script, nproc_per_node=2))
@@ -335,6 +344,7 @@ def _partial_state_then_nodes() -> dict:
             "log": records}
 
 
+@pytest.mark.stack
 def test_partial_state_writing_local_rank_does_not_split_nodes() -> None:
     # 2 simulated nodes x 2 on one host; the launcher set RANK / WORLD_SIZE and the node index
     # (GROUP_RANK, as NODE_RANK would be) only. On main this resolved 4 nodes of 1 rank.

@@ -9,6 +9,8 @@ import pytest
 
 from tests.harness import free_port, launch_env, run_commands, run_torchrun
 
+pytestmark = pytest.mark.stack  # .ci/run runs this module again with the floor releases
+
 SHORT = ["--steps", "12", "--num-samples", "256"]
 
 

@@ -14,6 +14,14 @@ import torch.distributed as dist
 
 from accel_utils.integrations.trainer import ShardedGenerationEvalMixin
 from tests.harness import launch_env, run_commands, run_distributed, run_torchrun
+from tests.stacks import (
+    fsdp1_plugin,
+    needs_fsdp2_plugin,
+    needs_trainer_compatible_accelerate,
+    sharded_fsdp_plugin,
+)
+
+pytestmark = pytest.mark.stack  # .ci/run runs this module again with the floor releases
 
 
 class _LoopBase:
@@ -43,14 +51,15 @@ class _Evaluator(ShardedGenerationEvalMixin, _LoopBase):
         return [s * 10 for s in samples][: -1 if self.short else None]
 
 
-def _mixin_eval(fsdp2: bool) -> dict:
+def _mixin_eval(layout: str) -> dict:
     from accelerate import Accelerator, DistributedType
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     acc = Accelerator(cpu=True)
-    if fsdp2:  # CPU stand-in: Accelerate ignores FSDP plugins on CPU; set what it sets on GPUs
-        acc.state.distributed_type = DistributedType.FSDP
-        acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    if layout != "ddp":  # CPU stand-in: Accelerate ignores FSDP plugins on CPU; set what it sets
+        acc.state.distributed_type = DistributedType.FSDP  # on GPUs
+        acc.state.fsdp_plugin = (FullyShardedDataParallelPlugin(fsdp_version=2)
+                                 if layout == "fsdp2" else fsdp1_plugin("FULL_SHARD"))
     ev = _Evaluator(acc)
     ev.generation_samples = list(range(5))
     metrics = ev.evaluate()
@@ -59,15 +68,17 @@ def _mixin_eval(fsdp2: bool) -> dict:
             "training": ev.model.training}
 
 
-@pytest.mark.parametrize("fsdp2", [False, True])
-def test_mixin_adds_the_generation_metric(fsdp2: bool) -> None:
-    out = run_distributed(_mixin_eval, 2, fsdp2)
+@pytest.mark.parametrize(
+    "layout", ["ddp", "fsdp1", pytest.param("fsdp2", marks=needs_fsdp2_plugin)]
+)
+def test_mixin_adds_the_generation_metric(layout: str) -> None:
+    out = run_distributed(_mixin_eval, 2, layout)
     for o in out:
         assert o["metrics"] == {"eval_loss": 1.0, "eval_generation_score": 20.0}
         assert o["predicted"] == {"test_loss": 1.0}  # predict() gets no generation metric
         assert o["training"] is True  # eval mode only while generating
         assert all(not training for _, _, training in o["calls"])
-    if fsdp2:  # lockstep: every rank all samples, synced_gpus on
+    if layout != "ddp":  # sharded (FSDP1 full shard, FSDP2): every rank all samples, in lockstep
         expected = [([0, 1], True, False), ([2, 3], True, False), ([4], True, False)]
         assert out[0]["calls"] == out[1]["calls"] == expected
     else:  # DDP: disjoint shards, no cross-rank sync inside generate
@@ -128,6 +139,7 @@ def _metrics(runs) -> dict:
     return metrics | {"data": sorted(ln for ln in lines if ln.startswith("DATA "))}
 
 
+@needs_trainer_compatible_accelerate
 @pytest.mark.timeout(240)
 def test_example_under_torchrun_matches_one_process(tmp_path) -> None:
     example = ["examples/trainer_subclass.py", "--steps", "20"]
@@ -204,6 +216,7 @@ def _trainer_evaluate(output_dir: str, generation_samples, eval_dataset) -> dict
     return out
 
 
+@needs_trainer_compatible_accelerate
 def test_trainer_evaluate_uses_the_eval_batch_size_and_predict_adds_nothing(tmp_path) -> None:
     out = run_distributed(_trainer_evaluate, 2, str(tmp_path), list(range(7)), 4, timeout=150)
     for o in out:
@@ -216,6 +229,7 @@ def test_trainer_evaluate_uses_the_eval_batch_size_and_predict_adds_nothing(tmp_
     assert out[1]["batches"] == [[4, 5, 6]]
 
 
+@needs_trainer_compatible_accelerate
 def test_trainer_dict_eval_dataset_generates_once_per_evaluate(tmp_path) -> None:
     out = run_distributed(_trainer_evaluate, 2, str(tmp_path), list(range(7)), {"a": 4, "b": 2},
                           timeout=150)
@@ -227,6 +241,7 @@ def test_trainer_dict_eval_dataset_generates_once_per_evaluate(tmp_path) -> None
     assert out[0]["batches"] == [[0, 1, 2], [3]] and out[1]["batches"] == [[4, 5, 6]]
 
 
+@needs_trainer_compatible_accelerate
 def test_trainer_sample_sets_by_dataset_name_get_per_dataset_prefixes(tmp_path) -> None:
     samples = {"a": list(range(7)), "b": [10, 20], "extra": [5]}
     out = run_distributed(_trainer_evaluate, 2, str(tmp_path), samples, {"a": 4, "b": 2},
@@ -246,7 +261,6 @@ def test_trainer_sample_sets_by_dataset_name_get_per_dataset_prefixes(tmp_path) 
 
 def _training_arguments_shard(output_dir: str) -> dict:
     from accelerate import DistributedType, PartialState
-    from accelerate.utils import FullyShardedDataParallelPlugin
 
     from accel_utils import dp_eval_sample_shard
 
@@ -254,12 +268,13 @@ def _training_arguments_shard(output_dir: str) -> dict:
     args = trainer.args
     ddp = dp_eval_sample_shard(args)
     checked = dp_eval_sample_shard(args, dist.get_rank(), 2)
-    # CPU stand-in for a Trainer run with FSDP2 (Accelerate ignores FSDP on CPU): set what
-    # AcceleratorState sets on GPUs (its type, mirrored into PartialState's, and its plugin).
-    # The Trainer's state says FSDP, so generation must run in lockstep (None), not sharded.
+    # CPU stand-in for a Trainer run with FSDP2 (FSDP1 full shard before Accelerate 1.6;
+    # Accelerate ignores FSDP on CPU): set what AcceleratorState sets on GPUs (its type,
+    # mirrored into PartialState's, and its plugin). The Trainer's state says FSDP, so
+    # generation must run in lockstep (None), not sharded.
     trainer.accelerator.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    trainer.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    trainer.accelerator.state.fsdp_plugin = sharded_fsdp_plugin()
     fsdp = dp_eval_sample_shard(args)
     del trainer
     return {"ddp": ddp, "checked": checked, "fsdp": fsdp}
