@@ -95,7 +95,9 @@ def _count_side_groups() -> dict:
 
 def test_side_group_created_once_per_parent_group() -> None:
     out = run_distributed(_count_side_groups, 4)
-    assert [o["created"] for o in out] == [2, 2, 1, 1]
+    # the world's and the pair's side groups, and on the pair one more, made and freed once: the
+    # launcher does not describe a subgroup's nodes, so they are gathered on a lane of their own
+    assert [o["created"] for o in out] == [3, 3, 1, 1]
     assert all(o["same"] for o in out)
 
 

@@ -140,3 +140,27 @@ def test_descriptors_of_failed_operations_come_back() -> None:
         (early_fds, _), (late_fds, late_held) = o["seen"][10], o["seen"][59]
         assert o["parked"] >= 60, o
         assert late_held <= 2 and late_fds - early_fds < 20, o
+
+
+def _guards_from_short_lived_threads(count: int) -> dict:
+    seen = []
+
+    def guard() -> None:
+        with FirstRankPerNode(timeout=30):
+            pass
+
+    for i in range(count):
+        thread = threading.Thread(target=guard, name="loader")  # one name, as on every rank
+        thread.start()
+        thread.join(60)
+        if i in (5, count - 1):
+            seen.append((threading.active_count(), len(os.listdir("/proc/self/fd"))))
+    return {"seen": seen}
+
+
+def test_guards_from_short_lived_threads_of_one_name_hold_no_more_over_time() -> None:
+    # a thread's lane (heartbeat thread, store connection, gloo group) is found again by name
+    out = run_distributed(_guards_from_short_lived_threads, 2, 200, timeout=120)
+    for o in out:
+        (threads_early, fds_early), (threads_late, fds_late) = o["seen"]
+        assert threads_late <= threads_early and fds_late - fds_early < 5, o

@@ -70,13 +70,14 @@ class Diagnosis:
         record = self.publish(key, Record(Failure.TIMEOUT, seq, self.rank, what,
                                           timeout_s=limit.total_seconds()), liveness)
         if record.kind is Failure.TIMEOUT and record.by == self.rank:
-            # The publisher judges for everyone, so it needs every member's mark watched long
-            # enough to tell a frozen member (its neighbours' view) from a quiet one.
-            self.wake(seq, liveness)
+            missing, _ = self.missing(seq, liveness)  # who had not come when time ran out
+            # The publisher judges for everyone, so it watches every member's mark long enough
+            # to tell a frozen member (seen by its neighbours only) from a quiet one.
             end = time.monotonic() + _watch_all_s(liveness)
             while self.pulse.wide_for() < silence_s(liveness) and time.monotonic() < end:
                 time.sleep(0.1)
-            missing, unresponsive = self.missing(seq, liveness)
+            unresponsive = tuple(r for r in self.pulse.stale(seq, silence_s(liveness))
+                                 if r not in missing)
             record = replace(record, missing=missing, unresponsive=unresponsive)
             self.pulse.store(lambda s: s.set(key, record.to_json()), liveness)
         return record
