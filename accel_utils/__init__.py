@@ -12,13 +12,19 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 # The launcher's variables, read now: before any Accelerate object can write its own into
-# os.environ (see accel_utils/_launcher.py). Standard library only.
-from accel_utils import _launcher  # noqa: F401
+# os.environ (see accel_utils/topology/launcher.py). Standard library only.
+from accel_utils.topology import launcher  # noqa: F401
+
+# This process's sign of life for the other ranks (accel_utils/_side/life.py): a thread that
+# waits for a default process group, then beats slowly. Standard library only.
+from accel_utils._side import life  # isort: skip
+
+life.start()
 
 __version__ = "0.1.0"  # the one version string: pyproject.toml reads it from here
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these lazily
-    from accel_utils.barriers import barrier_and_log
+    from accel_utils.barriers import barrier, barrier_and_log
     from accel_utils.errors import (
         BarrierTimeoutError,
         FirstRankFailedError,
@@ -44,6 +50,7 @@ _EXPORTS = {
     "RanksNotRespondingError": "accel_utils.errors",
     "SideChannelError": "accel_utils.errors",
     "Topology": "accel_utils.topology",
+    "barrier": "accel_utils.barriers",
     "barrier_and_log": "accel_utils.barriers",
     "destroy_process_group": "accel_utils.lifecycle",
     "dp_eval_sample_shard": "accel_utils.eval_shard",
@@ -62,6 +69,7 @@ __all__ = [
     "SideChannelError",
     "Topology",
     "__version__",
+    "barrier",
     "barrier_and_log",
     "destroy_process_group",
     "dp_eval_sample_shard",

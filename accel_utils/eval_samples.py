@@ -6,15 +6,19 @@ when every rank scores every sample.
 
 from __future__ import annotations
 
+import pickle
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
-import torch.distributed as dist
-
+from accel_utils._side import DEFAULT_LIVENESS, as_liveness, as_timeout, lane_for
 from accel_utils.topology import resolve
 
 Shard = tuple[int, int]
+# Ranks arrive at the gather when their generation ends: as long as torch's default process
+# group timeout, the longest one rank's eval may lag behind another's.
+GATHER_TIMEOUT = timedelta(minutes=30)
 
 
 def shard_samples(samples: Any, shard: Shard | None) -> Any:
@@ -71,13 +75,17 @@ def _bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
-def gather_sharded_results(results: Any, shard: Shard | None, group: Any = None) -> list[Any]:
+def gather_sharded_results(results: Any, shard: Shard | None, group: Any = None, *,
+                           timeout: Any = GATHER_TIMEOUT,
+                           liveness: Any = DEFAULT_LIVENESS) -> list[Any]:
     """Every rank's per-sample results, back in the original sample order, on every rank.
 
-    The inverse of :func:`shard_samples`: one ``all_gather_object`` over ``group``, then the
-    parts are joined by shard index. Ranks that share a shard index (the ranks of one HSDP
+    The inverse of :func:`shard_samples`: one gather over ``group``'s gloo side channel (objects
+    stay on the CPU, whatever the group's backend), then the parts are joined by shard index.
+    The gather is bounded by ``timeout`` and judged like a barrier: a rank that never comes,
+    died or froze is named on every rank. Ranks that share a shard index (the ranks of one HSDP
     replica) contribute one copy; a rank with no samples takes part like any other, so nobody
-    waits for it. An NCCL group gathers over its gloo side group (objects stay on the CPU).
+    waits for it.
 
     Every rank also sends whether its arguments are valid in that one gather, so a mistake on
     one rank (an invalid shard, ``None`` on some ranks and a tuple on others, parts whose sizes
@@ -90,6 +98,8 @@ def gather_sharded_results(results: Any, shard: Shard | None, group: Any = None)
         shard: the same ``(rank, size)`` (or None) that :func:`shard_samples` was given.
         group: the group every rank of the eval belongs to: None (the default group), an
             Accelerator, a PartialState, a ProcessGroup or a DeviceMesh.
+        timeout: how long to wait for the other ranks (a ``timedelta`` or seconds).
+        liveness: see :func:`accel_utils.barrier`.
 
     Returns:
         All results as one list; ``results`` unchanged when ``shard`` is None.
@@ -102,6 +112,7 @@ def gather_sharded_results(results: Any, shard: Shard | None, group: Any = None)
             ``size``, ranks of one replica returned different numbers of results, or a part's
             size is not the one :func:`shard_samples` gives for the total.
     """
+    limit, live = as_timeout(timeout), as_liveness(liveness)
     topo = resolve(group)
     if topo.group is None:  # one process: nothing to agree on
         if shard is None:
@@ -109,10 +120,10 @@ def gather_sharded_results(results: Any, shard: Shard | None, group: Any = None)
             return unchanged
         rank, size = _check_shard(shard)
         return _merge([(rank, size, _as_list(results))], size)
-    entry = _entry(results, shard)
-    gathered: list[Any] = [None] * topo.world_size
-    dist.all_gather_object(gathered, entry, group=_object_group(topo.group))
-    return _agree(gathered, results)
+    lane = lane_for(topo.group)
+    parts = lane.gather(lane.begin(), "gather_sharded_results",
+                        pickle.dumps(_entry(results, shard)), limit, live)
+    return _agree([pickle.loads(p) for p in parts], results)
 
 
 _NONE = "none"  # a rank's entry when its shard is None
@@ -161,16 +172,6 @@ def _agree(gathered: list[tuple[Any, ...]], results: Any) -> list[Any]:
         )
     size = gathered[0][1]
     return _merge(gathered, size)
-
-
-def _object_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
-    # all_gather_object on NCCL moves pickles through GPU tensors; gloo keeps them on the CPU.
-    if dist.get_backend(group) == "gloo":
-        return group
-    from accel_utils.barriers import _create_gloo_group
-
-    side = _create_gloo_group(group)
-    return side if side is not None else group  # none could be made (it warned): use the group
 
 
 def _merge(entries: list[tuple[int, int, list[Any]]], size: int) -> list[Any]:

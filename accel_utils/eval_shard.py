@@ -11,36 +11,39 @@ from __future__ import annotations
 
 import logging
 import sys
+from enum import Enum
 from typing import Any
 
 import torch
 
-from accel_utils._layout import (
-    accelerate_layout_name,
-    deepspeed_stage,
-    dtensor_layout,
-    training_arguments_state,
-    unwrap_compiled,
-)
-from accel_utils._mesh import NON_DP_DIMS
+from accel_utils._models import deepspeed_stage, dtensor_layout, unwrap_compiled
 from accel_utils.eval_samples import Shard
 from accel_utils.topology import Topology, resolve
+from accel_utils.topology.accelerate import accelerate_layout_name, training_arguments_state
+from accel_utils.topology.mesh import NON_DP_DIMS
 
 logger = logging.getLogger(__name__)
 
-# How a data-parallel layout treats the model: every rank holds it whole, it is split across
-# ranks, or it is split inside replicas whose index the caller passes as (dp_rank, dp_size).
-REPLICATED, SHARDED, HYBRID = "replicated", "sharded", "hybrid"
+
+class Placement(Enum):
+    """How a data-parallel layout places the model on its ranks."""
+
+    REPLICATED = "replicated"  # every rank holds it whole
+    SHARDED = "sharded"  # it is split across the ranks
+    HYBRID = "hybrid"  # it is split inside replicas (whose index the caller passes as dp_rank)
+
 
 # Names (strings, DistributedType values, config class names), compared without "_", "-", case.
 _MULTI_DEVICES = ("cpu", "gpu", "npu", "mlu", "sdaa", "musa", "xpu", "hpu", "neuron")
 _KINDS = {
-    **dict.fromkeys(("ddp", "deepspeedzero0", "deepspeedzero1", "deepspeedzero2"), REPLICATED),
-    **dict.fromkeys(("fsdp", "fsdp1", "fsdp2", "deepspeedzero3", "megatronfsdp", "tp"), SHARDED),
-    "hsdp": HYBRID,
+    **dict.fromkeys(("ddp", "deepspeedzero0", "deepspeedzero1", "deepspeedzero2"),
+                    Placement.REPLICATED),
+    **dict.fromkeys(("fsdp", "fsdp1", "fsdp2", "deepspeedzero3", "megatronfsdp", "tp"),
+                    Placement.SHARDED),
+    "hsdp": Placement.HYBRID,
     # accelerate.DistributedType values; DEEPSPEED alone does not say the ZeRO stage: lockstep
-    **dict.fromkeys(("no", "xla", *(f"multi{d}" for d in _MULTI_DEVICES)), REPLICATED),
-    **dict.fromkeys(("deepspeed", "megatronlm"), SHARDED),
+    **dict.fromkeys(("no", "xla", *(f"multi{d}" for d in _MULTI_DEVICES)), Placement.REPLICATED),
+    **dict.fromkeys(("deepspeed", "megatronlm"), Placement.SHARDED),
 }
 
 _ACCEPTED = (
@@ -117,11 +120,12 @@ def dp_eval_sample_shard(
     if device_mesh is not None and isinstance(distributed_config, device_mesh.DeviceMesh):
         topo = resolve(distributed_config)
         _check(topo, dp_rank, dp_size, "the device mesh")
-        return _topology_shard(topo, REPLICATED)  # its dimension names say what is sharded
+        # its dimension names say what is sharded
+        return _topology_shard(topo, Placement.REPLICATED)
     kind = _named_kind(distributed_config)
-    if kind == SHARDED:
+    if kind is Placement.SHARDED:
         return None
-    if kind == HYBRID and dp_rank is None:
+    if kind is Placement.HYBRID and dp_rank is None:
         raise ValueError(
             "'hsdp' carries no mesh: pass dp_rank=<replicate rank> and dp_size=<number of "
             "replicas>, or pass the Accelerator, the device mesh's model or a ParallelismConfig"
@@ -152,7 +156,7 @@ def _check(topo: Topology, dp_rank: int | None, dp_size: int | None, what: str) 
         )
 
 
-def _named_kind(config: Any) -> str:
+def _named_kind(config: Any) -> Placement:
     name = config if isinstance(config, str) else None  # DistributedType is a str enum
     if name is None and not isinstance(config, (type, torch.nn.Module)):
         name = type(config).__name__
@@ -163,18 +167,18 @@ def _named_kind(config: Any) -> str:
     return _KINDS[key]
 
 
-def _topology_shard(topo: Topology, kind: str) -> Shard | None:
+def _topology_shard(topo: Topology, kind: Placement) -> Shard | None:
     """The shard for a layout of ``kind`` on ``topo`` (a mesh's names override ``kind``)."""
     mesh = topo.mesh
     names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
     model_parallel = mesh is not None and (
         topo.shard_size > 1 or topo.tp_size > 1 or bool(set(names) & set(NON_DP_DIMS))
     )
-    if kind == REPLICATED and not model_parallel:
+    if kind is Placement.REPLICATED and not model_parallel:
         return (topo.dp_rank, topo.dp_size) if topo.dp_size > 1 else None
     if mesh is not None and mesh.ndim > 1 and topo.replicate_size > 1:
         return topo.replicate_rank, topo.replicate_size
-    if kind == HYBRID and mesh is None:  # FSDP1 hybrid sharding: shards inside a node
+    if kind is Placement.HYBRID and mesh is None:  # FSDP1 hybrid sharding: shards inside a node
         nodes = topo.nodes
         return (nodes.node_rank, nodes.num_nodes) if nodes.num_nodes > 1 else None
     return None
@@ -203,28 +207,28 @@ def _from_model(model: torch.nn.Module, dp_rank: int | None, dp_size: int | None
     if isinstance(inner, torch.nn.parallel.DistributedDataParallel):
         topo = resolve(inner.process_group)
         _check(topo, dp_rank, dp_size, "the DDP model's process group")
-        return _topology_shard(topo, REPLICATED)
+        return _topology_shard(topo, Placement.REPLICATED)
     fsdp = sys.modules.get("torch.distributed.fsdp")
     if fsdp is not None and isinstance(inner, fsdp.FullyShardedDataParallel):  # FSDP1
         topo = resolve(inner.process_group)
         _check(topo, dp_rank, dp_size, "the FSDP model's process group")
         no_shard = inner.sharding_strategy == fsdp.ShardingStrategy.NO_SHARD
-        return _topology_shard(topo, REPLICATED) if no_shard else None
+        return _topology_shard(topo, Placement.REPLICATED) if no_shard else None
     stage = deepspeed_stage(inner)
     if stage is not None:
         topo = resolve()
         _check(topo, dp_rank, dp_size, "the default group")
-        return None if stage == 3 else _topology_shard(topo, REPLICATED)
+        return None if stage == 3 else _topology_shard(topo, Placement.REPLICATED)
     layout = dtensor_layout(inner)
     if layout is None:  # plain tensors: a replica per rank of the default group
         topo = resolve()
         _check(topo, dp_rank, dp_size, "the default group (the model holds plain tensors)")
-        return _topology_shard(topo, REPLICATED)
+        return _topology_shard(topo, Placement.REPLICATED)
     mesh, replicated_dims = layout
     topo = resolve(mesh)
     _check(topo, dp_rank, dp_size, "the model's device mesh")
     if mesh.ndim == 1:  # FSDP2 and TP shard over it; replicate() keeps whole copies
-        return _topology_shard(topo, REPLICATED if replicated_dims else SHARDED)
+        return _topology_shard(topo, Placement.REPLICATED if replicated_dims else Placement.SHARDED)
     names = tuple(mesh.mesh_dim_names or ())
     replicate_dim = next((i for i, name in enumerate(names) if "replicate" in name), 0)
-    return _topology_shard(topo, SHARDED) if replicate_dim in replicated_dims else None
+    return _topology_shard(topo, Placement.SHARDED) if replicate_dim in replicated_dims else None

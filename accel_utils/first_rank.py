@@ -1,6 +1,6 @@
 """FirstRankPerNode: one rank per node (or per job) runs a block first; nobody hangs or lies.
 
-A guard is one operation on the group's side channel (:mod:`accel_utils.side_channel`): the
+A guard is one operation on the group's side channel (:mod:`accel_utils._side`): the
 waiting ranks enter its one-element all-reduce on ``__enter__``, the first ranks on ``__exit__``.
 A failing first rank publishes a record (rank, node, exception) in the job's store, contributes
 a set failure bit without waiting and raises its own exception at once; the others learn from
@@ -19,20 +19,23 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
-from accel_utils._diagnosis import error_from
-from accel_utils.errors import describe
-from accel_utils.shared_dir import path_is_shared
-from accel_utils.side_channel import (
+from accel_utils._side import (
     DEFAULT_LIVENESS,
-    FAILED_BIT,
     PAYLOAD_BITS,
+    Failure,
+    Kind,
     Lane,
+    Order,
+    Phase,
+    Record,
+    Reduced,
     as_liveness,
     as_timeout,
     lane_for,
-    payload_of,
 )
-from accel_utils.topology import Topology, resolve
+from accel_utils.errors import describe
+from accel_utils.shared_dir import path_is_shared
+from accel_utils.topology import Topology, node_layout, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class _Entry:
     liveness: float | None
     lane: Lane | None = None
     seq: int = 0
-    order: str = "global"
+    order: Order = Order.GLOBAL
     first: bool = True
     outer: _Entry | None = None  # set when an enclosing guard already orders this block
     inner_failure: BaseException | None = None
@@ -72,7 +75,7 @@ class FirstRankPerNode(ContextDecorator):
             ``"auto"``: probe once whether ``path`` is shared between nodes (see
             :func:`path_is_shared`) and use global order if it is, per-node order if not.
         timeout: how long a rank waits for the first ranks (default 10 hours, at most 30 days).
-            The seed's ``__enter__(timeout=...)`` is still accepted; this is the way with ``with``.
+            ``__enter__(timeout=...)`` overrides it for one entry (NeMo Automodel's spelling).
         path: the cache directory, required with ``local="auto"`` only.
         liveness: how long (seconds or a timedelta) a member's heartbeat may stop while the
             guard lasts before every other member raises :class:`RanksNotRespondingError`
@@ -99,6 +102,10 @@ class FirstRankPerNode(ContextDecorator):
         group: Any = None,
         *,
         local: bool | str = True,
+        # 10 h: the block is preprocessing (tokenizing, downloading a corpus) that can take
+        # hours on the first ranks while the others wait, and it is the seed's __enter__ default;
+        # a first rank that raises, dies or freezes is reported within seconds or `liveness`,
+        # so this bounds only a live rank that is still working.
         timeout: Any = timedelta(hours=10),
         path: str | os.PathLike[str] | None = None,
         liveness: Any = DEFAULT_LIVENESS,
@@ -126,16 +133,18 @@ class FirstRankPerNode(ContextDecorator):
         """Wait for the first ranks unless this rank is one; True on the ranks that go first.
 
         Args:
-            timeout: overrides the constructor's ``timeout`` for this entry (the seed's place).
+            timeout: overrides the constructor's ``timeout`` for this entry.
         """
         limit = self.timeout if timeout is None else as_timeout(timeout)
         topo = resolve(self.group)
         entry = _Entry(topo, limit, self.liveness)
         if topo.world_size > 1 and topo.group is not None:
+            node_layout(topo.group, limit, self.liveness)  # a gather where the launcher is silent
             lane = entry.lane = lane_for(topo.group)
             entry.outer = _enclosing(lane)
             entry.order = self._order(topo, entry.outer, limit)
-            entry.first = topo.nodes.local_rank == 0 if entry.order == "local" else topo.rank == 0
+            place = topo.nodes.local_rank if entry.order is Order.PER_NODE else topo.rank
+            entry.first = place == 0
             if entry.outer is not None and entry.outer.order != entry.order:
                 raise ValueError("a nested FirstRankPerNode on the same group must use the same "
                                  "order")
@@ -145,7 +154,7 @@ class FirstRankPerNode(ContextDecorator):
                 if lane.group is None:  # first ranks too: a rank that dies in its block then
                     lane.connect(entry.seq, _WHAT, limit, self.liveness)  # closes connections
                 if entry.first:  # beats while the block runs: a frozen first rank is named
-                    lane.pulse.activate(entry.seq, "w", self.liveness)
+                    lane.pulse.activate(entry.seq, Phase.WORKING, self.liveness)
         _stack().append(entry)
         self._entries().append(entry)
         if entry.lane is not None and entry.outer is None and not entry.first:
@@ -168,7 +177,7 @@ class FirstRankPerNode(ContextDecorator):
             exc_tb: its traceback, else None.
 
         Returns:
-            False: an exception raised in the block propagates (the seed's contract).
+            False: an exception raised in the block propagates on the rank that raised it.
         """
         entry = self._entries().pop()
         _stack().remove(entry)
@@ -184,12 +193,12 @@ class FirstRankPerNode(ContextDecorator):
             return False
         _report_failure(entry, failure)
         if exc_val is None:  # an inner guard's failure that the block caught: stop here anyway
-            raise error_from(_record(entry, failure), entry.lane) from failure
+            raise entry.lane.diagnosis.error(_record(entry, failure)) from failure
         return False
 
-    def _order(self, topo: Topology, outer: _Entry | None, limit: timedelta) -> str:
+    def _order(self, topo: Topology, outer: _Entry | None, limit: timedelta) -> Order:
         if self.local != "auto":
-            return "local" if self.local else "global"
+            return Order.PER_NODE if self.local else Order.GLOBAL
         assert self.path is not None and topo.group is not None
         probes = lane_for(topo.group).memo.setdefault("shared", {})
         key = os.path.realpath(self.path)
@@ -203,7 +212,7 @@ class FirstRankPerNode(ContextDecorator):
                 logger.info("FirstRankPerNode: %s is %s -> %s order", self.path,
                             "shared between nodes" if probes[key] else "node-local",
                             "global" if probes[key] else "per-node")
-        return "global" if probes[key] else "local"
+        return Order.GLOBAL if probes[key] else Order.PER_NODE
 
 
 def _stack() -> list[_Entry]:
@@ -226,10 +235,17 @@ def _enclosing(lane: Lane) -> _Entry | None:
     return None
 
 
-def _record(entry: _Entry, exc: BaseException) -> dict[str, Any]:
-    return {"kind": "failed", "rank": entry.topo.rank, "node": entry.topo.nodes.node_rank,
-            "exc_type": type(exc).__name__, "message": describe(exc)[:2000], "what": _WHAT,
-            "seq": entry.seq}
+def _record(entry: _Entry, exc: BaseException) -> Record:
+    return Record(Failure.FAILED, entry.seq, entry.topo.rank, _WHAT, rank=entry.topo.rank,
+                  node=entry.topo.nodes.node_rank, exc_type=type(exc).__name__,
+                  message=describe(exc)[:2000])
+
+
+def _run(entry: _Entry, payload: int = 0, failed: bool = False, wait: bool = True) -> Reduced:
+    """The guard's operation on its lane (see :meth:`Lane.run`)."""
+    assert entry.lane is not None
+    return entry.lane.run(entry.seq, Kind.GUARD, entry.order.value, _WHAT, entry.timeout,
+                          entry.liveness, payload, failed, wait)
 
 
 def _report_failure(entry: _Entry, exc: BaseException) -> None:
@@ -240,13 +256,14 @@ def _report_failure(entry: _Entry, exc: BaseException) -> None:
                  entry.topo.rank, entry.topo.nodes.node_rank, type(exc).__name__, describe(exc),
                  exc_info=(type(exc), exc, exc.__traceback__))
     try:
-        lane.publish(entry.seq, _record(entry, exc), entry.liveness)
+        lane.report(_record(entry, exc), entry.liveness)
         if lane.group is not None:  # else the others are still connecting: the record tells
-            lane.run(entry.seq, "guard", entry.order, _WHAT, entry.timeout, entry.liveness,
-                     payload=min(entry.topo.rank + 1, (1 << PAYLOAD_BITS) - 1), failed=True,
-                     wait=False)
-    except Exception:
-        logger.debug("could not report the failure to the other ranks", exc_info=True)
+            _run(entry, payload=min(entry.topo.rank + 1, (1 << PAYLOAD_BITS) - 1), failed=True,
+                 wait=False)
+    except Exception as err:  # noqa: BLE001 - this rank raises its own error regardless
+        logger.warning("rank %d could not report its failure to the other ranks (%s): they "
+                       "learn of it from the side channel's liveness or timeout instead",
+                       entry.topo.rank, describe(err))
     finally:
         lane.pulse.deactivate()
         lane.abandon()
@@ -256,17 +273,14 @@ def _settle(entry: _Entry) -> None:
     """Join the guard's all-reduce; raise if a first rank failed, died, froze or timed out."""
     lane = entry.lane
     assert lane is not None
-    key = lane.record_key(entry.seq)
-    seen = lane.pulse.records.get(key)
-    if seen is not None and seen["seq"] == entry.seq:  # heard of a failure during its block
+    seen = lane.pulse.records.get(lane.record_key(entry.seq))
+    if seen is not None and seen.seq == entry.seq:  # heard of a failure during its block
         if lane.group is not None:
-            lane.run(entry.seq, "guard", entry.order, _WHAT, entry.timeout, entry.liveness,
-                     wait=False)
+            _run(entry, wait=False)
         lane.fail(seen, liveness=entry.liveness)
-    word = lane.run(entry.seq, "guard", entry.order, _WHAT, entry.timeout, entry.liveness)
-    if word & FAILED_BIT:
-        rank = payload_of(word) - 1
-        lane.fail(lane.read(key, entry.liveness) or {
-            "kind": "failed", "rank": rank, "node": None, "exc_type": "unknown",
-            "message": "its failure record could not be read from the store", "what": _WHAT,
-            "seq": entry.seq})
+    reduced = _run(entry)
+    if reduced.failed:
+        rank = reduced.payload - 1
+        lane.fail(lane.failure(entry.seq, entry.liveness) or Record(
+            Failure.FAILED, entry.seq, rank, _WHAT, rank=rank, exc_type="unknown",
+            message="its failure record could not be read from the store"))

@@ -13,15 +13,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from accel_utils._layout import (
-    is_deepspeed_engine,
-    is_deepspeed_run,
-    is_fsdp2,
-    is_hsdp,
-    sync_gradients,
-    unwrap_compiled,
-)
+from accel_utils._group_arg import group_or_alias
+from accel_utils._models import is_deepspeed_engine, is_fsdp2, is_hsdp, unwrap_compiled
 from accel_utils.topology import resolve
+from accel_utils.topology.accelerate import is_deepspeed_run, sync_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +31,7 @@ def get_sync_ctx(
     is_optim_step: bool | None,
     defer_fsdp_grad_sync: DeferMode = True,
     *,
+    group: Any = None,
     accelerator: Any = None,
 ) -> AbstractContextManager[None]:
     """The context to run one micro-batch's forward **and** backward in.
@@ -62,8 +58,9 @@ def get_sync_ctx(
     * FSDP1 and any other wrapper with a callable ``no_sync``: ``no_sync()`` on non-final
       micro-batches. The wrapper need not be an ``nn.Module``: any object with a callable
       ``no_sync`` (a training-framework wrapper that holds the DDP model) is accepted, and its
-      ``no_sync()`` is called, as the seed did; a null context on the final micro-batch.
-    * DeepSpeed engines (and any run whose ``accelerator`` is a DeepSpeed one), plain modules
+      ``no_sync()`` is called (the wrapper may do more than its inner DDP's ``no_sync``); a
+      null context on the final micro-batch.
+    * DeepSpeed engines (and any run whose ``group`` is a DeepSpeed Accelerator), plain modules
       and single-process runs: a null context (DeepSpeed accumulates by itself).
 
     Args:
@@ -71,7 +68,7 @@ def get_sync_ctx(
             list / tuple of them (pipeline stages, several FSDP roots): the context applies to,
             and restores, every part.
         is_optim_step: True on the micro-batch after which the optimizer steps. ``None`` asks
-            ``accelerator.sync_gradients`` (needs ``accelerator=``).
+            the Accelerator passed as ``group`` (its ``sync_gradients``).
         defer_fsdp_grad_sync: what FSDP2 does on non-final micro-batches.
 
             * ``True`` (default): no reduce-scatter and, on HSDP, no all-reduce: the least
@@ -83,15 +80,20 @@ def get_sync_ctx(
               replica on every micro-batch, so gradients stay sharded, and defer only the
               all-reduce across replicas, usually the slow inter-node link, to the optimizer
               step. On a 1-D FSDP2 mesh and on DDP it behaves as ``True``.
-        accelerator: an ``accelerate.Accelerator``: supplies ``is_optim_step`` when it is None,
-            and a DeepSpeed run is left to DeepSpeed.
+        group: the run the model trains in, as everywhere in accel-utils: anything
+            :func:`accel_utils.resolve` accepts, None for the default group. The model's own
+            wrapper says which collectives to skip; an ``accelerate.Accelerator`` here also
+            supplies ``is_optim_step`` when it is None, and leaves a DeepSpeed run to DeepSpeed.
+        accelerator: the same as ``group``, kept so that existing calls keep working; pass one
+            of the two.
 
     Returns:
         A context manager.
 
     Raises:
         TypeError: ``model`` (or a part) is neither an ``nn.Module`` nor an object with a
-            callable ``no_sync``, or ``is_optim_step`` is neither a bool nor None.
+            callable ``no_sync``, ``is_optim_step`` is neither a bool nor None (or None without
+            an Accelerator to ask), or both ``group`` and ``accelerator`` were passed.
         ValueError: an unknown ``defer_fsdp_grad_sync``, or an empty list of parts.
         RuntimeError: a static-graph DDP model whose graph state cannot be read on this torch.
 
@@ -105,10 +107,14 @@ def get_sync_ctx(
         raise ValueError(
             f"defer_fsdp_grad_sync must be True, False or 'replicas'; got {defer_fsdp_grad_sync!r}"
         )
+    run = group_or_alias(group, accelerator, alias_name="accelerator", function="get_sync_ctx")
     if is_optim_step is None:
-        if accelerator is None:
-            raise TypeError("is_optim_step=None needs accelerator= (it then means sync_gradients)")
-        is_optim_step = sync_gradients(accelerator)
+        if not hasattr(run, "sync_gradients"):
+            raise TypeError(
+                "is_optim_step=None needs group=accelerator (an accelerate.Accelerator, whose "
+                "sync_gradients it then means)"
+            )
+        is_optim_step = sync_gradients(run)
     if not isinstance(is_optim_step, bool):
         raise TypeError(f"is_optim_step must be a bool (or None); got {is_optim_step!r}")
     parts = tuple(model) if isinstance(model, (list, tuple)) else (model,)
@@ -120,7 +126,7 @@ def get_sync_ctx(
                 "model must be a torch.nn.Module, an object with a callable no_sync() (a "
                 f"wrapper), or a list of them; got {type(part).__name__}"
             )
-    if is_deepspeed_run(accelerator):
+    if is_deepspeed_run(run):
         return nullcontext()
     if not resolve().distributed_enabled:
         return nullcontext()

@@ -7,7 +7,8 @@ import logging
 import torch
 import torch.distributed as dist
 
-from accel_utils import side_channel, topology
+from accel_utils import _side
+from accel_utils.topology import resolver
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,6 @@ def destroy_process_group() -> None:
     # Our caches still hold the groups (side groups included). A group freed only at interpreter
     # exit can abort it: its gloo worker thread releases finished work that owns Python objects
     # after the interpreter stopped giving out the GIL. Freed here, its destructor joins them.
-    topology._fresh_caches()
-    side_channel.release_all()
+    resolver.forget_world()
+    _side.release_all()
     logger.debug("process group destroyed")

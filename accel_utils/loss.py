@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from accel_utils._group_arg import group_or_alias
 from accel_utils.topology import resolve
 
 logger = logging.getLogger(__name__)
@@ -27,12 +28,15 @@ def reduce_loss(
     total_num_tokens: torch.Tensor | int,
     per_token_loss: bool = True,
     dp_group: Any = None,
+    *,
+    group: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum the loss and its denominator over all data-parallel ranks, in one collective.
 
     The loss sum and the denominator travel packed in one float64 tensor, so a call costs one
-    all-reduce (the seed made two) and the denominator stays exact up to 2**53 tokens. NaN or
-    inf losses are reduced as they are: they are information about the run, not bad input.
+    all-reduce, not one per value (on a small tensor an all-reduce costs its latency, whatever
+    it carries), and the denominator stays exact up to 2**53 tokens. NaN or inf losses are
+    reduced as they are: they are information about the run, not bad input.
 
     Args:
         loss_store: this rank's per-micro-batch losses (scalars or shape ``(1,)``), usually loss
@@ -41,12 +45,15 @@ def reduce_loss(
             read when ``per_token_loss``.
         per_token_loss: denominator is the token count when True, else the number of
             micro-batches.
-        dp_group: what to reduce over: anything :func:`accel_utils.resolve` accepts (a
+        dp_group: the same as ``group`` (the name NeMo Automodel's ``reduce_loss`` uses, kept so
+            that its callers keep working); pass one of the two.
+        group: what to reduce over: anything :func:`accel_utils.resolve` accepts (a
             ProcessGroup, an Accelerator or PartialState, a DeviceMesh); the reduction runs over
             its loss group (:attr:`Topology.loss_group`: data-parallel times context-parallel
-            ranks, never ``tp``). ``None``
-            is the default group, like everywhere in accel-utils (the seed reduced nothing for
-            ``None``); without an initialised process group nothing is reduced.
+            ranks, never ``tp``, since context-parallel ranks hold parts of the same sequences).
+            ``None`` is the default group, like everywhere in accel-utils, so that a call
+            without a group is a global loss; without an initialised process group nothing is
+            reduced.
 
     Returns:
         ``(loss, denominator)``: the summed loss as float32 and the summed denominator as int64,
@@ -58,17 +65,19 @@ def reduce_loss(
             device, or the token count is negative, not a whole number (5.7, nan, inf; a float
             with a whole value such as 6.0 is accepted), on the meta device, or not a single
             value. Every check runs before the collective, so a refused call reduces nothing.
-        TypeError: ``loss_store`` is not a sequence of tensors.
+        TypeError: ``loss_store`` is not a sequence of tensors, or both ``group`` and
+            ``dp_group`` were passed.
 
     Example:
-        >>> loss, tokens = reduce_loss(loss_sums, num_tokens, dp_group=accelerator)
+        >>> loss, tokens = reduce_loss(loss_sums, num_tokens, group=accelerator)
         >>> per_token = (loss / tokens).item()
     """
+    over = group_or_alias(group, dp_group, alias_name="dp_group", function="reduce_loss")
     _check_losses(loss_store)
     count = total_num_tokens if per_token_loss else len(loss_store)
     if loss_store[0].is_cpu:  # a meta loss later in the list is refused there, before reducing
-        return _reduce_on_host(loss_store, count, dp_group)
-    return _reduce_on_device(loss_store, count, dp_group)
+        return _reduce_on_host(loss_store, count, over)
+    return _reduce_on_device(loss_store, count, over)
 
 
 def _reduce_on_host(

@@ -12,8 +12,15 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-from accel_utils.side_channel import DEFAULT_LIVENESS, as_liveness, as_timeout, lane_for, payload_of
-from accel_utils.topology import resolve
+from accel_utils._side import (
+    DEFAULT_LIVENESS,
+    PAYLOAD_BITS,
+    Kind,
+    as_liveness,
+    as_timeout,
+    lane_for,
+)
+from accel_utils.topology import node_layout, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +29,9 @@ _WHAT = "path_is_shared"
 
 
 def path_is_shared(path: str | os.PathLike[str], group: Any = None, *,
+                   # 5 min: between steps each node leader makes a directory, writes or stats one
+                   # small file: seconds even on a slow network filesystem, so a longer wait would
+                   # only delay the error when a mount hangs.
                    timeout: Any = timedelta(minutes=5), liveness: Any = DEFAULT_LIVENESS) -> bool:
     """Whether ``path`` is one directory shared by all nodes of ``group``.
 
@@ -34,7 +44,7 @@ def path_is_shared(path: str | os.PathLike[str], group: Any = None, *,
         path: the directory to probe.
         group: anything :func:`accel_utils.resolve` accepts.
         timeout: how long each step waits for the other ranks.
-        liveness: see :func:`accel_utils.barriers._barrier_with_timeout`.
+        liveness: see :func:`accel_utils.barrier`.
 
     Returns:
         True when any node sees another node's marker (a shared, or partly shared, filesystem:
@@ -46,17 +56,19 @@ def path_is_shared(path: str | os.PathLike[str], group: Any = None, *,
     """
     limit, live = as_timeout(timeout), as_liveness(liveness)
     topo = resolve(group)
-    nodes = topo.nodes
-    if nodes.num_nodes == 1 or topo.world_size == 1 or topo.group is None:
+    if topo.world_size == 1 or topo.group is None:
+        return True
+    nodes = node_layout(topo.group, limit, live)
+    if nodes.num_nodes == 1:
         return True
     lane = lane_for(topo.group)
 
     def step(bits: int) -> int:  # the OR of every rank's bits
-        return payload_of(lane.run(lane.begin(), "probe", "", _WHAT, limit, live, bits))
+        return lane.run(lane.begin(), Kind.PROBE, "", _WHAT, limit, live, bits).payload
 
     leader = nodes.local_rank == 0
-    node_bit = 1 << min(nodes.node_rank, 29)  # nodes past 29 share the last bit
-    token = step(secrets.randbits(30) if topo.rank == 0 else 0)
+    node_bit = 1 << min(nodes.node_rank, PAYLOAD_BITS - 1)  # the last nodes share the last bit
+    token = step(secrets.randbits(PAYLOAD_BITS) if topo.rank == 0 else 0)
     name = f"{_PROBE}_{token:x}_{lane.seq}_node"
     marker = os.path.join(os.fspath(path), f"{name}{nodes.node_rank}")
     try:

@@ -1,4 +1,4 @@
-"""Turning benchmark records into targets, a Markdown table, a PNG chart and the README section."""
+"""Turning benchmark records into targets, a Markdown table, a PNG chart and the docs section."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def chart(results: dict, path: str) -> None:
 
 
 def update_readme(path: str, table: str) -> None:
-    """Replace the text between the benchmark markers of the README with ``table``."""
+    """Replace the text between the benchmark markers of ``path`` (docs/benchmarks.md)."""
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
     pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)

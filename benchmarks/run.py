@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                       # everything, world sizes 2 and 4 (a few minutes)
     python benchmarks/run.py --quick --world-sizes 2 --out /tmp/bench   # smoke run (seconds)
-    python benchmarks/run.py --readme README.md    # also refresh README's benchmark table
+    python benchmarks/run.py --readme docs/benchmarks.md   # also refresh the docs page's table
 
 Launches ``torchrun`` on gloo (and on NCCL where there are at least as many GPUs as processes),
 times every variant against the floor measured in the same run, and writes ``results.json``,
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tiny repetition counts and models: checks that everything runs")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    parser.add_argument("--readme", default=None, help="README to refresh between the markers")
+    parser.add_argument("--readme", default=None,
+                        help="page to refresh between the markers (docs/benchmarks.md)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per launch")
     args = parser.parse_args(argv)
     started = time.perf_counter()

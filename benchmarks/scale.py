@@ -99,8 +99,9 @@ def node_main(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import PrefixStore
 
-    from accel_utils._pulse import Mark, Pulse, mark_key
-    from accel_utils.side_channel import Lane
+    from accel_utils._side.heartbeat import Pulse
+    from accel_utils._side.lane import Lane
+    from accel_utils._side.wire import Kind, Mark, Phase, mark_key
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # as far as allowed
@@ -116,7 +117,7 @@ def node_main(args: argparse.Namespace) -> None:
         base = PrefixStore("accel_utils/side/scale", client)
         pulse = Pulse(CountingStore(base.clone(), counts), rank, world, f"scale{rank}")
         lane = lanes[rank] = Lane("scale", rank, world, frozenset(range(world)), base, pulse)
-        lane.store(lambda s: s.set(mark_key(rank), str(Mark(0, "-", 0))), None)
+        lane.pulse.store(lambda s: s.set(mark_key(rank), str(Mark(0, Phase.NONE, 0))), None)
         start.wait()
         start.wait()
         client.add("arrived", 1)  # a common start across the node processes (polled: a
@@ -128,12 +129,12 @@ def node_main(args: argparse.Namespace) -> None:
         start.wait()  # fds counted
         t0 = time.perf_counter()
         for _ in range(args.ops):
-            lane.run(lane.begin(), "barrier", "", "scale", LIMIT, None)
+            lane.run(lane.begin(), Kind.BARRIER, "", "scale", LIMIT, None)
         out["op_s"][rank] = (time.perf_counter() - t0) / args.ops
         start.wait()  # the guard: rank 0 "works", the others wait in the operation
         if rank == 0:
             time.sleep(args.wait)
-        lane.run(lane.begin(), "guard", "global", "scale", LIMIT, 30.0)
+        lane.run(lane.begin(), Kind.GUARD, "global", "scale", LIMIT, 30.0)
 
     before = _open_fds()  # a rank's descriptors: its store clients and its side group
     threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in ranks]

@@ -201,7 +201,7 @@ def deepspeed_micro_batches(accelerator: Accelerator, model: torch.nn.Module,
     store = []
     for batch in micro_batches:
         # get_sync_ctx is a null context here: DeepSpeed handles the boundary itself
-        with accelerator.accumulate(model), get_sync_ctx(model, None, accelerator=accelerator):
+        with accelerator.accumulate(model), get_sync_ctx(model, None, group=accelerator):
             loss = loss_sum(model, batch)
             accelerator.backward(loss * scale)
         store.append(loss.detach())

@@ -95,9 +95,9 @@ def _teardown(ok: bool) -> None:
             with contextlib.suppress(Exception):
                 dist.monitored_barrier(timeout=timedelta(seconds=10))
         dist.destroy_process_group()
-    side_channel = sys.modules.get("accel_utils.side_channel")
-    if side_channel is not None:  # as accel_utils.destroy_process_group does
-        side_channel.release_all()
+    side = sys.modules.get("accel_utils._side")
+    if side is not None:  # as accel_utils.destroy_process_group does
+        side.release_all()
     accelerate_state = sys.modules.get("accelerate.state")
     if accelerate_state is not None:
         accelerate_state.AcceleratorState._reset_state(reset_partial_state=True)
@@ -128,9 +128,9 @@ def _worker_main(rank: int, world_size: int, tasks: Any, results: Any, log_path:
                 os.environ[key] = value
         # each task is a fresh launch: accel_utils reads the launcher's variables again, as a
         # fresh process would at import (this worker imported it before the variables were set)
-        from accel_utils import _launcher
+        from accel_utils.topology import launcher
 
-        _launcher.take_snapshot()
+        launcher.take_snapshot()
         ok = False
         try:
             dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
@@ -143,8 +143,8 @@ def _worker_main(rank: int, world_size: int, tasks: Any, results: Any, log_path:
             sys.stderr.flush()
         # A worker whose side channel gave up on a group (parked it) retires after this task:
         # parked groups and their threads must not leak into the next test's process.
-        side_channel = sys.modules.get("accel_utils.side_channel")
-        retire = side_channel is not None and side_channel.parked_count() > 0
+        side = sys.modules.get("accel_utils._side")
+        retire = side is not None and side.parked_count() > 0
         try:  # before the teardown: after a fault test it may wait on a dead peer for a while
             results.put((rank, outcome, retire))
         except Exception as exc:  # noqa: BLE001 - an unpicklable result is the test's bug: say so

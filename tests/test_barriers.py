@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from accel_utils import FirstRankPerNode, barrier_and_log, side_channel
+from accel_utils import FirstRankPerNode, _side, barrier_and_log
 from accel_utils.barriers import _barrier_with_timeout, _create_gloo_group
 from tests.harness import run_distributed
 
@@ -123,7 +123,7 @@ def test_barrier_timeout_returns_false_and_names_the_missing_rank() -> None:
 def _gloo_timeout_is_reset() -> str:
     # the accessor that makes a cached group honour a new timeout (private before torch 2.13)
     side = _create_gloo_group()
-    side_channel.set_timeout(side, timedelta(milliseconds=700))
+    _side.set_timeout(side, timedelta(milliseconds=700))
     if dist.get_rank() == 0:
         try:
             side.allreduce([torch.zeros(1)]).wait()

@@ -1,10 +1,12 @@
 """The API reference site (docs/): its snippets run, and every public name is documented.
 
-Every code snippet on the pages is a file under docs/snippets/ that the pages include
-(``--8<--``); each one runs here on 2 gloo processes with a hard timeout and asserts what its page
-says. ``mkdocs build --strict`` (in .ci/run) fails on a broken include or reference; since
-mkdocstrings leaves out objects without a docstring silently, the check that every public name
-has one, and a page, is here.
+Every Python snippet on the pages (and the doctor's launch) is a file under docs/snippets/ that
+the pages include (``--8<--``); each one runs here on 2 gloo processes with a hard timeout and
+asserts what its page says. The launch commands for several nodes, mpirun and srun
+(launching.md), the benchmark commands and the doctor's sample output are shown, not run.
+``mkdocs build --strict`` (in .ci/run) fails on a broken include or reference; since mkdocstrings
+leaves out objects without a docstring silently, the check that every public name has one, and a
+page, is here.
 """
 
 from __future__ import annotations

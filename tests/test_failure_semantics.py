@@ -42,8 +42,8 @@ def _late_mark(rank: int, delay: float) -> None:
     A TCPStore set is not acknowledged: a set sent just before a process dies may reach the
     store after the survivors began to watch every mark.
     """
-    from accel_utils._pulse import Mark, mark_key
-    from accel_utils.side_channel import lane_for
+    from accel_utils._side import lane_for
+    from accel_utils._side.wire import Mark, mark_key
 
     base = lane_for(dist.group.WORLD).base
 
@@ -240,6 +240,23 @@ def test_barrier_and_log_with_different_strings_raises_on_every_rank() -> None:
         assert "barrier_and_log 'epoch B'" in o["calls"][1]
 
 
+def _many_label_pairs(pairs: int) -> dict:
+    paired = []
+    for i in range(pairs):
+        try:
+            barrier_and_log(f"{'saved' if dist.get_rank() == 0 else 'loaded'} shard {i}")
+            paired.append(i)
+        except SideChannelError as exc:
+            assert exc.calls, exc
+    return {"paired": paired}
+
+
+def test_barriers_with_different_strings_never_pair() -> None:
+    # 5 CRC bits told labels apart: about 1 pair in 32 passed silently (P(none of 400) ~ 3e-6)
+    out = run_distributed(_many_label_pairs, 2, 400, timeout=120)
+    assert out[0]["paired"] == out[1]["paired"] == []
+
+
 def test_a_barrier_on_one_rank_only_then_a_guard_raises_on_every_rank() -> None:
     out = run_distributed(_mismatched, 2, "guard", timeout=30)
     for o in out:
@@ -317,7 +334,7 @@ def _lane_warnings() -> list:
     import concurrent.futures
     import logging
 
-    from accel_utils.side_channel import lane_for
+    from accel_utils._side import lane_for
 
     warned: list = []
     handler = logging.Handler()
@@ -344,7 +361,7 @@ def test_a_thread_with_a_default_name_is_told_to_name_it() -> None:
 
 def _first_lanes_from_two_threads() -> int:
     """Two threads take their first lanes on a fresh group at once; each must keep its lane."""
-    from accel_utils import side_channel
+    from accel_utils._side import lane as side_channel
 
     group = dist.new_group(backend="gloo")
     lookup = side_channel._lanes.get
@@ -469,3 +486,34 @@ def test_a_failing_first_rank_and_the_waiting_ranks_exit_while_another_first_ran
     assert "RAISED rank=2 ValueError" in outputs[1], outputs
     for out in (outputs[0], outputs[2]):
         assert "FirstRankFailedError" in out, outputs
+
+
+def _wrong_interface_on_rank_one() -> dict:
+    import os
+
+    from accel_utils import barrier
+
+    saved = os.environ.get("GLOO_SOCKET_IFNAME")
+    if dist.get_rank() == 1:
+        os.environ["GLOO_SOCKET_IFNAME"] = "nope0"  # no such interface on this host
+    start = time.monotonic()
+    try:
+        barrier(timeout=60)
+    except (BarrierTimeoutError, SideChannelError) as exc:
+        return {**_outcome(exc), "after": time.monotonic() - start}
+    finally:
+        if saved is None:  # pooled workers run later tests
+            os.environ.pop("GLOO_SOCKET_IFNAME", None)
+        else:
+            os.environ["GLOO_SOCKET_IFNAME"] = saved
+    return {}
+
+
+def test_a_creation_error_is_reported_as_itself_not_as_a_timeout() -> None:
+    # was wrapped as "Timed out creating ...": a BarrierTimeoutError "after 60s" naming nobody
+    out = run_distributed(_wrong_interface_on_rank_one, 2, timeout=60)
+    for o in out:
+        assert o["error"] == "SideChannelError", o
+        assert o["ranks"] == [1] and "nope0" in o["message"], o
+        assert "rank 1 (node 0) could not create" in o["message"], o
+        assert o["after"] < 20, o

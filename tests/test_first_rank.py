@@ -264,11 +264,11 @@ def test_example_global_order_on_one_node(tmp_path) -> None:
 
 
 def _empty_guard_cost() -> dict:
-    from accel_utils import side_channel
+    from accel_utils import _side
 
     with FirstRankPerNode():  # creates the side group and posts this rank's mark and node
         pass
-    lane = side_channel.lane_for(dist.group.WORLD)
+    lane = _side.lane_for(dist.group.WORLD)
     before, setup_calls = lane.group._get_sequence_number_for_group(), lane.pulse.requests
     for _ in range(5):
         with FirstRankPerNode():

@@ -210,6 +210,38 @@ def test_ddp_wrappers_accelerator_and_parts() -> None:
         assert seen["parts_inside"] == [False, False] and seen["parts_after"] == [True, True]
 
 
+def _group_spellings() -> dict:
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    prepared = acc.prepare(_model())
+    seen: dict = {}
+    for synced in (False, True):  # what accelerator.accumulate() sets mid-window, then last
+        acc.gradient_state._set_sync_gradients(synced)
+        for name in ("group", "accelerator"):
+            with get_sync_ctx(prepared, None, **{name: acc}):
+                seen[f"{name}_{synced}"] = prepared.require_backward_grad_sync
+    with get_sync_ctx(prepared, False, group=dist.group.WORLD):  # a ProcessGroup: the model decides
+        seen["process_group"] = prepared.require_backward_grad_sync
+    for name, kwargs in {"both": {"group": acc, "accelerator": acc},
+                         "no_accelerator": {"group": dist.group.WORLD}}.items():
+        try:
+            get_sync_ctx(prepared, None, **kwargs)
+            seen[name] = "no error"
+        except TypeError as exc:
+            seen[name] = str(exc)
+    return seen
+
+
+def test_group_and_accelerator_name_the_same_parameter() -> None:
+    for seen in run_distributed(_group_spellings, 2, timeout=90):
+        assert seen["group_False"] is seen["accelerator_False"] is False
+        assert seen["group_True"] is seen["accelerator_True"] is True
+        assert seen["process_group"] is False  # a DeepSpeed Accelerator: tests/test_deepspeed.py
+        assert "both group= and accelerator=" in seen["both"], seen["both"]
+        assert "group=accelerator" in seen["no_accelerator"], seen["no_accelerator"]
+
+
 class NoSyncWrapper:
     """Not an nn.Module: a training wrapper that holds a DDP model and forwards ``no_sync``."""
 

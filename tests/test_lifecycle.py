@@ -25,12 +25,12 @@ def test_without_a_group_does_nothing() -> None:
 def _releases_cached_groups() -> tuple[int, int, int]:
     import weakref
 
-    from accel_utils import barriers, resolve, side_channel
+    from accel_utils import _side, barriers, resolve
 
     barriers._barrier_with_timeout(30)  # builds and caches the side group
     world = weakref.ref(resolve().group)
     side = weakref.ref(barriers._create_gloo_group())
-    cached = len(side_channel._lanes)
+    cached = _side.lane_count()
     destroy_process_group()
     import gc
 

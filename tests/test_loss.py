@@ -221,3 +221,45 @@ def test_single_process_without_group() -> None:
 def test_bad_input_says_what_was_expected(reduce, losses, tokens, exc, words) -> None:
     with pytest.raises(exc, match=words):
         reduce(losses, tokens)
+
+
+def _group_spellings() -> dict:
+    from accelerate import Accelerator
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    losses = [torch.tensor(float(rank + 1))]
+    solo = dist.new_group([rank], use_local_synchronization=True)  # this rank alone
+    accelerator = Accelerator(cpu=True)
+    out: dict = {"world": world}
+    for name, kwargs in {
+        "group": {"group": dist.group.WORLD},
+        "dp_group": {"dp_group": dist.group.WORLD},
+        "positional": {},  # the seed's position: reduce_loss(losses, tokens, True, group)
+        "group_accelerator": {"group": accelerator},
+        "group_solo": {"group": solo},
+        "dp_group_solo": {"dp_group": solo},
+    }.items():
+        args = (losses, 3, True, dist.group.WORLD) if name == "positional" else (losses, 3)
+        loss, denom = reduce_loss(*args, **kwargs)
+        out[name] = (float(loss), int(denom))
+    for name, kwargs in {
+        "both": {"group": dist.group.WORLD, "dp_group": dist.group.WORLD},
+        "both_positional": {"group": solo},
+    }.items():
+        args = (losses, 3, True, dist.group.WORLD) if name == "both_positional" else (losses, 3)
+        try:
+            reduce_loss(*args, **kwargs)
+            out[name] = "no error"
+        except TypeError as exc:
+            out[name] = str(exc)
+    dist.barrier()  # no rank reduced alone above: the next test's collectives stay paired
+    return out
+
+
+def test_group_and_the_seeds_dp_group_name_the_same_parameter() -> None:
+    for rank, o in enumerate(run_distributed(_group_spellings, 2, timeout=90)):
+        total = (float(sum(range(1, o["world"] + 1))), 3 * o["world"])
+        assert o["group"] == o["dp_group"] == o["positional"] == o["group_accelerator"] == total
+        assert o["group_solo"] == o["dp_group_solo"] == (float(rank + 1), 3)  # really used
+        for name in ("both", "both_positional"):
+            assert "both group= and dp_group=" in o[name], o[name]

@@ -3,7 +3,7 @@
 2 nodes x 2 ranks on gloo: ranks 0, 1 on node 0 (10.213.0.10, the store's host), ranks 2, 3 on
 node 1 (10.213.0.11). A partition detaches node 1 from the bridge: frames vanish both ways, no
 connection is reset. Node 0's ranks must name ranks [2, 3] on node 1 as not responding; node 1's
-outcome is recorded (it may be blocked until the test's hard timeout kills it) but not required.
+ranks, cut off from the store's host, must end with "lost the job's store" naming nobody.
 No wall times are asserted. Needs root; skipped otherwise unless ACCEL_UTILS_REQUIRE_NETNS=1.
 """
 
@@ -40,8 +40,19 @@ def _node0_named_node1(job, results) -> None:
         assert outcome[0]["nodes"] == {"2": 1, "3": 1}, report
 
 
+def _lost_the_store(job, results) -> None:
+    """Node 1's ranks, cut off from the store's host, end with that diagnosis, not blocked."""
+    report = job.describe() + "\nnode 1: " + "; ".join(_node1_outcome(results))
+    for res in results[2:]:
+        assert res.returncode not in (None, 0), report  # None: blocked until the hard timeout
+        outcome = res.results()
+        assert len(outcome) == 1 and outcome[0]["error"] == "SideChannelError", report
+        assert "lost the job's store" in outcome[0]["message"], report
+        assert not outcome[0]["ranks"], report  # nobody is named dead without evidence
+
+
 def _node1_outcome(results) -> list[str]:
-    """What node 1's ranks did: recorded for the report, not required (they may be blocked)."""
+    """What node 1's ranks did, for the report."""
     seen = []
     for res in results[2:]:
         outcome = res.results()
@@ -64,6 +75,22 @@ def test_partition_during_guard_names_node1(cluster):
     results = job.wait()  # every rank, or the hard timeout kills what is left (node 1, blocked)
     print("node 1:", *_node1_outcome(results), sep="\n  ")
     _node0_named_node1(job, results)
+    _lost_the_store(job, results)
+
+
+def test_store_host_cut_off_during_a_guard_ends_every_wait(cluster):
+    """Node 0 (the store's host) is cut off while every rank waits in a guard with timeout=30 s:
+    node 1's ranks were still blocked 110 s later, in store calls of the timeout path."""
+    job = cluster.launch(WORKER, ["guard30"], timeout=100)
+    assert job.wait_for(2, "WORKING", timeout=60), job.describe()
+    time.sleep(1.5)
+    cluster.partition(0)
+    results = job.wait()
+    print("node 1:", *_node1_outcome(results), sep="\n  ")
+    _lost_the_store(job, results)
+    for res in results[:2]:  # node 0 keeps the store: it names node 1's silent ranks
+        assert res.returncode not in (None, 0), job.describe()
+        assert res.results()[0]["error"] in ("RanksNotRespondingError", "BarrierTimeoutError")
 
 
 def test_partition_during_barrier_names_node1(cluster):
@@ -77,6 +104,7 @@ def test_partition_during_barrier_names_node1(cluster):
     results = job.wait()  # every rank, or the hard timeout kills what is left (node 1, blocked)
     print("node 1:", *_node1_outcome(results), sep="\n  ")
     _node0_named_node1(job, results)
+    _lost_the_store(job, results)
 
 
 @pytest.mark.parametrize("launcher_vars", [True, False], ids=["torchrun_vars", "bare_vars"])

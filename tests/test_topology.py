@@ -16,8 +16,8 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from accel_utils._nodes import HOST_KEYS, NodeFacts, decide
 from accel_utils.topology import NodeLayout, Topology, resolve
+from accel_utils.topology.nodes import HOST_KEYS, NodeFacts, decide
 from tests.harness import launch_env, run_distributed, run_torchrun
 
 
@@ -108,19 +108,21 @@ def test_subgroup_ranks_and_nodes() -> None:
 
 @contextlib.contextmanager
 def _gathers_counted() -> Iterator[list[int]]:
-    """Counts ``all_gather_object`` calls inside the block; the real collective runs."""
+    """Counts side-channel gathers (``Lane.gather``) inside the block; the real one runs."""
+    from accel_utils._side.lane import Lane
+
     calls: list[int] = []
-    real = dist.all_gather_object
+    real = Lane.gather
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    dist.all_gather_object = counting
+    Lane.gather = counting  # type: ignore[method-assign]
     try:
         yield calls
     finally:
-        dist.all_gather_object = real
+        Lane.gather = real  # type: ignore[method-assign]
 
 
 def _bare_launcher() -> dict:
@@ -300,6 +302,9 @@ def test_all_lists_every_export() -> None:
 
     # __all__ is a literal list for type checkers; it must stay in step with the lazy table
     assert sorted(accel_utils.__all__) == sorted([*accel_utils._EXPORTS, "logger", "__version__"])
+    for package in (accel_utils._side, accel_utils.topology):
+        assert sorted(package.__all__) == sorted(package._EXPORTS)
+        assert all(getattr(package, name) is not None for name in package.__all__)
 
 
 # ----------------------------------------------------------------------------- launches without

@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 from accel_utils import topology
-from accel_utils.barriers import _barrier_with_timeout, _create_gloo_group
+from accel_utils._side import DEFAULT_LIVENESS, lane_for, side_group
+from accel_utils.barriers import barrier
 from accel_utils.doctor.report import TRIES, Report, Row, checks, render
 from accel_utils.doctor.watch import Watch, first_line
 from accel_utils.lifecycle import destroy_process_group
@@ -137,16 +138,13 @@ def _init_group(timeout: timedelta) -> None:
     dist.init_process_group(backend, timeout=timeout)
 
 
-def _all_gather(side: Any, obj: Any, size: int, timeout: timedelta) -> list[Any]:
-    """``obj`` (JSON-able) from every rank of the side group, in rank order."""
-    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
-    side.allgather(lengths, torch.tensor([data.numel()]), timeout=timeout).wait()
-    padded = torch.zeros(int(max(lengths)), dtype=torch.uint8)
-    padded[: data.numel()] = data
-    out = [torch.zeros_like(padded) for _ in range(size)]
-    side.allgather(out, padded, timeout=timeout).wait()
-    return [json.loads(bytes(o[: int(n)].tolist())) for o, n in zip(out, lengths, strict=True)]
+def _all_gather(obj: Any, topo: topology.Topology, timeout: timedelta) -> list[Any]:
+    """``obj`` (JSON-able) from every rank, in rank order (a side-channel gather)."""
+    assert topo.group is not None  # the doctor gathers only from a launch of several ranks
+    lane = lane_for(topo.group)
+    parts = lane.gather(lane.begin(), "doctor", json.dumps(obj).encode(), timeout,
+                        DEFAULT_LIVENESS)
+    return [json.loads(part) for part in parts]
 
 
 def _time_side_channel(side: Any, timeout: timedelta) -> dict[str, float]:
@@ -154,9 +152,7 @@ def _time_side_channel(side: Any, timeout: timedelta) -> dict[str, float]:
     tensor = torch.zeros(1)
     for _ in range(TRIES):
         start = time.perf_counter()
-        if not _barrier_with_timeout(timeout):
-            raise RuntimeError("a side-channel barrier did not complete (a peer was lost, or "
-                               f"{timeout.total_seconds():g}s passed)")
+        barrier(timeout=timeout)  # raises naming the ranks that did not arrive, or died
         samples["barrier"].append((time.perf_counter() - start) * 1e3)
     for _ in range(TRIES):
         start = time.perf_counter()
@@ -168,11 +164,10 @@ def _time_side_channel(side: Any, timeout: timedelta) -> dict[str, float]:
 def _collect(report: Report, row: Row, topo: topology.Topology, args: argparse.Namespace,
              timeout: timedelta, watch: Watch) -> None:
     watch.enter("creating the gloo side group")
-    side = _create_gloo_group()
-    if side is None:
-        raise RuntimeError("no gloo side group could be created (see the warning above)")
+    assert topo.group is not None  # the doctor collects only from a launch of several ranks
+    side = side_group(topo.group, timeout)
     watch.enter("gathering the rows")
-    report.rows = _all_gather(side, row, topo.world_size, timeout)
+    report.rows = _all_gather(row, topo, timeout)
     shared = None
     num_nodes = len({r["node"] for r in report.rows})  # every rank decides from the same rows
     if args.path is not None and num_nodes > 1 and all(r["path"]["writable"] for r in report.rows):
@@ -181,7 +176,7 @@ def _collect(report: Report, row: Row, topo: topology.Topology, args: argparse.N
     watch.enter("timing the side channel")
     mine = _time_side_channel(side, timeout)
     watch.enter("gathering the timings")
-    timings = _all_gather(side, mine, topo.world_size, timeout)
+    timings = _all_gather(mine, topo, timeout)
     report.checks = checks(report.rows, args.path, shared, timings)
 
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from accelerate import Accelerator
 
-from accel_utils import barrier_and_log, destroy_process_group
+from accel_utils import barrier, barrier_and_log, destroy_process_group
 from accel_utils.barriers import _barrier_with_timeout
 
 
@@ -19,6 +19,7 @@ def main() -> None:
     barrier_and_log("checkpoint written", accelerator)  # or a ProcessGroup, a DeviceMesh, None
     # rank 0 logs: [2026-11-27T11:03:30.280] checkpoint written (barrier took 0.602s; last to
     # arrive: rank 1)
+    barrier(accelerator, timeout=timedelta(minutes=5))  # raises, naming who did not come
     # --8<-- [end:barrier]
     # --8<-- [start:bounded]
     if not _barrier_with_timeout(timedelta(minutes=5), accelerator):  # the seed's private helper

@@ -26,7 +26,7 @@ def main() -> None:
             loss.backward()
         store.append(loss.detach())
         count += y.numel()
-    loss_sum, denominator = reduce_loss(store, count, dp_group=accelerator)  # one all-reduce
+    loss_sum, denominator = reduce_loss(store, count, group=accelerator)  # one all-reduce
     for p in model.parameters():  # DDP averaged over ranks: make it the global mean's gradient
         p.grad.mul_(accelerator.num_processes / denominator.item())
     optimizer.step()

@@ -15,8 +15,12 @@ from accel_utils import (
     barrier_and_log,
     destroy_process_group,
     get_sync_ctx,
+    logger,
     reduce_loss,
 )
+
+# private, as in the seed
+from accel_utils.barriers import _barrier_with_timeout, _create_gloo_group
 
 # --8<-- [end:imports]
 
@@ -34,6 +38,9 @@ def main() -> None:
         loss_store[0].backward()
     loss, denominator = reduce_loss(loss_store, num_tokens)  # None: the default group now
     barrier_and_log(f"step done, loss {(loss / denominator).item():.3f}")
+    if not _barrier_with_timeout(timedelta(minutes=5)):  # False (and a warning) on a timeout
+        logger.warning("a rank is late")
+    side = _create_gloo_group()  # the default group's cached gloo side group, made once
     # --8<-- [end:seed-calls]
     # --8<-- [start:seed-behaviour]
     with FirstRankPerNode(local=False, timeout=timedelta(hours=2)) as first:  # rank 0 alone first
@@ -43,7 +50,7 @@ def main() -> None:
     denominator = denominator.reshape(num_tokens.shape).int()  # the seed's shape and dtype
     # --8<-- [end:seed-behaviour]
     assert first == (dist.get_rank() == 0) and denominator.dtype == torch.int32
-    assert denominator.tolist() == [2] and loss.shape == (1,)
+    assert denominator.tolist() == [2] and loss.shape == (1,) and side is _create_gloo_group()
     del model  # DDP holds the group
     destroy_process_group()
 

@@ -145,7 +145,7 @@ def run_raw(stage: int) -> dict[str, Any]:
             engine.step()  # steps only at DeepSpeed's own accumulation boundary
             store.append(loss.detach() * len(x))
             tokens += len(x)
-        got = reduce_loss(store, tokens, dp_group=engine.data_parallel_group)
+        got = reduce_loss(store, tokens, group=engine.data_parallel_group)
         want = expected_loss(float(sum(store)), tokens)
         out["reduce_loss"].append([[float(got[0]), int(got[1])], list(want)])
         ref_opt.step()
@@ -210,7 +210,7 @@ def without_backend() -> dict[str, Any]:
     handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("accel_utils").addHandler(handler)
     acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=K))
-    loss, tokens = reduce_loss([torch.ones(1)], 1, dp_group=acc)
+    loss, tokens = reduce_loss([torch.ones(1)], 1, group=acc)
     out = {"num_processes": acc.num_processes, "shard": dp_eval_sample_shard(acc),
            "reduced": [float(loss), int(tokens)], "warnings": warnings}
     logging.getLogger("accel_utils").removeHandler(handler)
@@ -233,7 +233,7 @@ def run_accelerate(stage: int | None, data: Any) -> dict[str, Any]:
         x, y = batch["x"], batch["y"]
         with acc.accumulate(engine):  # under ZeRO-0/1 Accelerate itself enters engine.no_sync()
             before = engine.inside_no_sync_ctxt
-            with get_sync_ctx(engine, None, accelerator=acc):
+            with get_sync_ctx(engine, None, group=acc):
                 out["inside_no_sync"] |= engine.inside_no_sync_ctxt != before
                 loss = F.mse_loss(engine(x), y)
                 acc.backward(loss)  # engine.backward; engine.step() on the last micro-batch
@@ -252,7 +252,7 @@ def run_accelerate(stage: int | None, data: Any) -> dict[str, Any]:
             out["param_diff"] = max(out["param_diff"],
                                     max_diff(params, [p.detach() for p in ref.parameters()]))
             tokens = MICRO * len(store)
-            got = reduce_loss(store, tokens, dp_group=acc)
+            got = reduce_loss(store, tokens, group=acc)
             want = expected_loss(float(sum(store)), tokens)
             out["reduce_loss"].append([[float(got[0]), int(got[1])], list(want)])
             store = []

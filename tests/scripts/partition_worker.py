@@ -53,6 +53,20 @@ def guard(rank: int) -> None:
     result(rank=rank, passed=True)
 
 
+def guard30(rank: int) -> None:
+    """Every rank waits in a guard with a 30 s timeout (node 1's first rank works 60 s)."""
+    say(f"READY rank={rank}")
+    try:
+        with FirstRankPerNode(local=True, timeout=timedelta(seconds=30)):
+            if rank == 2:
+                say(f"WORKING rank={rank}")
+                time.sleep(60)
+        say(f"PASSED rank={rank}")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        failed(rank, exc)
+    result(rank=rank, passed=True)
+
+
 def barrier(rank: int) -> None:
     barrier_and_log("warm-up", liveness=3)  # the side channel is up on every rank
     say(f"READY rank={rank}")
@@ -91,7 +105,7 @@ def main() -> None:
     mode = sys.argv[1]
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank = dist.get_rank()
-    {"guard": guard, "barrier": barrier, "healthy": healthy}[mode](rank)
+    {"guard": guard, "guard30": guard30, "barrier": barrier, "healthy": healthy}[mode](rank)
     if mode != "healthy":
         accel_utils.destroy_process_group()
 

@@ -1,32 +1,28 @@
-"""Where the parallel layout lives: one frozen dataclass and the resolver that builds it.
+"""The resolver: whatever the caller passes (or nothing) -> one frozen :class:`Topology`.
 
-Every feature of accel-utils asks :func:`resolve` for a :class:`Topology` instead of deriving
-ranks, nodes or groups itself. This module and its siblings are the only readers of launcher
-environment variables and of Accelerate / DeviceMesh / model-layout internals:
-:mod:`accel_utils._launcher` (the launcher's variables, read at ``import accel_utils`` before
-Accelerate can write its own), :mod:`accel_utils._node_layout` and :mod:`accel_utils._nodes`
-(which node each member runs on), :mod:`accel_utils._mesh` (a mesh's groups by dimension name)
-and :mod:`accel_utils._layout` (what a model's wrappers and DTensor placements, or an Accelerate
-state, say).
+Every feature of accel-utils asks :func:`resolve` instead of deriving ranks, nodes or groups
+itself. Answers are cached per handle (and node layouts per group) for one default group: a new
+``init_process_group`` starts the caches afresh.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from accel_utils import _launcher, _mesh
-from accel_utils._cache import IdentityCache
-from accel_utils._launcher import LAUNCHER_VARIABLES
-from accel_utils._layout import training_arguments_state
-from accel_utils._mesh import mesh_groups
-from accel_utils._node_layout import (
+from accel_utils._identity_cache import IdentityCache
+from accel_utils._side.timing import DEFAULT_LIVENESS
+from accel_utils.topology import launcher
+from accel_utils.topology.accelerate import accelerate_state
+from accel_utils.topology.launcher import LAUNCHER_VARIABLES
+from accel_utils.topology.mesh import forget_groups, mesh_groups
+from accel_utils.topology.nodes import (
     NodeLayout,
     layout_from_gather,
     layout_from_launcher,
@@ -34,6 +30,10 @@ from accel_utils._node_layout import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The node gather happens at start-up, where every rank arrives within seconds of the others: a
+# rank that reads Topology.nodes alone learns it in minutes, not after a 10-hour guard timeout.
+NODES_TIMEOUT = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,10 @@ class Topology:
         launcher variables (as they were at ``import accel_utils``) and node key (host name
         and address toward the rendezvous): variables consistent with the group win, the node
         keys decide otherwise. See :func:`node_layout`.
+
+        The gather is collective: read it on every member of ``group`` (accel-utils' guards,
+        barriers and probes do, with their own timeouts). Read on some members only, it raises
+        :class:`~accel_utils.BarrierTimeoutError` naming the others after 5 minutes.
         """
         return node_layout(self.group)
 
@@ -108,10 +112,10 @@ def single_process() -> Topology:
 def launcher_env() -> dict[str, str]:
     """The launcher variables as the launcher set them (only those that are set).
 
-    Read once, at ``import accel_utils`` (see :mod:`accel_utils._launcher`): values that an
+    Read once, at ``import accel_utils`` (see :mod:`accel_utils.topology.launcher`): values that an
     Accelerate object wrote into ``os.environ`` afterwards are not the launcher's.
     """
-    snap = _launcher.snapshot()
+    snap = launcher.snapshot()
     return {name: snap[name] for name in LAUNCHER_VARIABLES if name in snap}
 
 
@@ -123,14 +127,15 @@ _layouts = IdentityCache()
 _layout_locks = IdentityCache()
 
 
-def _fresh_caches() -> None:
+def forget_world() -> None:
+    """Start the caches afresh if the default group changed since they were filled."""
     world = dist.group.WORLD if dist.is_initialized() else None
     with _world_lock:  # once per world: a second thread's clear would drop the first's entries
         if world is not _world_seen[0]:
             _world_seen[0] = world
             _topologies.clear()
             _layouts.clear()
-            _mesh.clear()
+            forget_groups()
 
 
 def resolve(handle: Any = None) -> Topology:
@@ -150,9 +155,9 @@ def resolve(handle: Any = None) -> Topology:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return single_process()
-    _fresh_caches()
+    forget_world()
     key_obj = handle if handle is not None else dist.group.WORLD
-    state = _accelerate_state(handle)
+    state = accelerate_state(handle)
     mesh_key = getattr(state, "device_mesh", None) if state is not None else None
     hit: Topology | None = _topologies.get(key_obj)
     if hit is not None and (state is None or hit.mesh is mesh_key):
@@ -160,20 +165,6 @@ def resolve(handle: Any = None) -> Topology:
     topo = _resolve_uncached(handle, state)
     _topologies.put(key_obj, topo)
     return topo
-
-
-def _accelerate_state(handle: Any) -> Any:
-    # Accelerate is only consulted when the caller already imported it.
-    accelerate = sys.modules.get("accelerate")
-    if accelerate is None or handle is None:
-        return None
-    if isinstance(handle, accelerate.Accelerator):
-        return handle.state
-    if isinstance(handle, accelerate.PartialState):
-        return handle
-    if type(handle).__name__ == "AcceleratorState" and hasattr(handle, "num_processes"):
-        return handle
-    return training_arguments_state(handle)  # None unless a transformers.TrainingArguments
 
 
 def _resolve_uncached(handle: Any, state: Any) -> Topology:
@@ -297,19 +288,21 @@ def _from_accelerate(state: Any) -> Topology:
     return _from_group(_world_group(), device)
 
 
-def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
+def node_layout(group: dist.ProcessGroup | None, timeout: timedelta = NODES_TIMEOUT,
+                liveness: float | None = DEFAULT_LIVENESS) -> NodeLayout:
     """Node identity of this process within ``group`` (see :attr:`Topology.nodes`).
 
     Where the launcher described the whole layout (torchrun, accelerate launch: see
-    :func:`~accel_utils._node_layout.layout_from_launcher`): from its variables, without a
+    :func:`~accel_utils.topology.nodes.layout_from_launcher`): from its variables, without a
     collective. Otherwise every member contributes its launcher claims and its node key (host
-    name and address toward the rendezvous) to one ``all_gather_object``, and every member
-    decides from the same list (:func:`accel_utils._nodes.decide`): claims that are consistent
-    with the group win, else the node keys. Once per group; cached.
+    name and address toward the rendezvous) to one gather on the side channel, bounded by
+    ``timeout`` and judged with ``liveness`` like a barrier, and every member decides from the
+    same list (:func:`accel_utils.topology.nodes.decide`): claims that are consistent with the
+    group win, else the node keys. Once per group; cached.
     """
     if group is None or not dist.is_initialized():
         return NodeLayout()
-    _fresh_caches()
+    forget_world()
     hit: NodeLayout | None = _layouts.get(group)
     if hit is not None:
         return hit
@@ -320,6 +313,6 @@ def node_layout(group: dist.ProcessGroup | None) -> NodeLayout:
         hit = _layouts.get(group)
         if hit is None:
             log_changed_variables()
-            hit = layout_from_launcher(group) or layout_from_gather(group)
+            hit = layout_from_launcher(group) or layout_from_gather(group, timeout, liveness)
             _layouts.put(group, hit)
     return hit

@@ -1,27 +1,38 @@
-"""Which node each member of a group runs on: what every rank knows, and one verdict from it.
+"""Node identity: which node each member of a group runs on, and its place there.
 
-Part of the resolver: :mod:`accel_utils.topology` gathers one :class:`NodeFacts` per member (one
-``all_gather_object``, once per group) and every member runs :func:`decide` on the same list,
-so every member reaches the same verdict without further messages.
+Where the launcher described the whole layout (torchrun, accelerate launch), its variables say
+it without a collective (:func:`layout_from_launcher`). Otherwise every member contributes one
+:class:`NodeFacts` to one ``all_gather_object`` and every member runs :func:`decide` on the same
+list, so every member reaches the same verdict without further messages
+(:func:`layout_from_gather`). :func:`accel_utils.topology.resolver.node_layout` caches the answer
+per group.
 
 The facts are the launcher's claims (``GROUP_RANK`` / ``NODE_RANK``, ``LOCAL_RANK``,
 ``LOCAL_WORLD_SIZE``, ``GROUP_WORLD_SIZE`` as they were at ``import accel_utils``, see
-:mod:`accel_utils._launcher`) and a node key that needs no launcher: the host name and the
-address this process uses to reach the rendezvous (``MASTER_ADDR``). Claims are used only when
-they are consistent with the group; otherwise the node keys decide. Two hosts with the same name
-(cloned images, containers) reach the rendezvous from different addresses, so they stay two
+:mod:`accel_utils.topology.launcher`) and a node key that needs no launcher: the host name and
+the address this process uses to reach the rendezvous (``MASTER_ADDR``). Claims are used only
+when they are consistent with the group; otherwise the node keys decide. Two hosts with the same
+name (cloned images, containers) reach the rendezvous from different addresses, so they stay two
 nodes; every process of one host uses the same address (loopback included), so they stay one.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import timedelta
 
-from accel_utils import _launcher
+import torch.distributed as dist
+
+from accel_utils.topology import launcher
+
+# node identity is part of the resolver's story: its records keep the documented logger
+logger = logging.getLogger("accel_utils.topology")
 
 HOST_KEYS = "host names and addresses toward the rendezvous"
 
@@ -92,10 +103,10 @@ def rendezvous_address() -> str | None:
     ``MASTER_ADDR`` is the same on every rank, so it may come from ``os.environ`` where the
     launch did not set it (a script that sets it before ``init_process_group``).
     """
-    addr = _launcher.get("MASTER_ADDR") or os.environ.get("MASTER_ADDR")
+    addr = launcher.get("MASTER_ADDR") or os.environ.get("MASTER_ADDR")
     if not addr:
         return None
-    return _route_source(addr, _launcher.get_int("MASTER_PORT") or 29500)
+    return _route_source(addr, launcher.get_int("MASTER_PORT") or 29500)
 
 
 @functools.lru_cache(maxsize=8)
@@ -114,17 +125,17 @@ def _route_source(addr: str, port: int) -> str | None:
 
 def local_facts() -> NodeFacts:
     """This process's :class:`NodeFacts` (launcher claims from the import-time snapshot)."""
-    node_var = "GROUP_RANK" if _launcher.get_int("GROUP_RANK") is not None else "NODE_RANK"
+    node_var = "GROUP_RANK" if launcher.get_int("GROUP_RANK") is not None else "NODE_RANK"
     return NodeFacts(
         host=socket.gethostname(),
         address=rendezvous_address(),
-        rank=_launcher.get_int("RANK"),
-        world=_launcher.get_int("WORLD_SIZE"),
-        node=_launcher.get_int(node_var),
-        node_var=node_var if _launcher.get_int(node_var) is not None else None,
-        num_nodes=_launcher.get_int("GROUP_WORLD_SIZE"),
-        local_rank=_launcher.get_int("LOCAL_RANK"),
-        local_size=_launcher.get_int("LOCAL_WORLD_SIZE"),
+        rank=launcher.get_int("RANK"),
+        world=launcher.get_int("WORLD_SIZE"),
+        node=launcher.get_int(node_var),
+        node_var=node_var if launcher.get_int(node_var) is not None else None,
+        num_nodes=launcher.get_int("GROUP_WORLD_SIZE"),
+        local_rank=launcher.get_int("LOCAL_RANK"),
+        local_size=launcher.get_int("LOCAL_WORLD_SIZE"),
     )
 
 
@@ -260,3 +271,105 @@ def _collisions(facts: Sequence[NodeFacts]) -> list[str]:
 def _ranks(ranks: Sequence[int]) -> str:
     shown = ", ".join(map(str, ranks[:8]))
     return shown + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """Which node each member of a group runs on.
+
+    Attributes:
+        node_rank: index of this process's node among the group's nodes.
+        num_nodes: number of distinct nodes in the group.
+        local_rank: this process's index among the group members on its node.
+        local_world_size: number of group members on this process's node.
+    """
+
+    node_rank: int = 0
+    num_nodes: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+
+def log_changed_variables() -> None:
+    changed = launcher.changed_since_import()
+    if changed:
+        logger.debug(
+            "launcher variables changed after accel_utils was imported (%s; Accelerate writes "
+            "LOCAL_RANK / LOCAL_WORLD_SIZE under launches without torchrun): using the values "
+            "from the launch",
+            ", ".join(f"{name}: {then or 'unset'} -> {now or 'unset'}"
+                      for name, (then, now) in changed.items()))
+
+
+def layout_from_launcher(group: dist.ProcessGroup) -> NodeLayout | None:
+    """The launcher's complete description of the default group, without a collective.
+
+    Complete: LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK (or NODE_RANK) and GROUP_WORLD_SIZE, as
+    torchrun and accelerate launch set them, read at import and consistent with the group as
+    far as one rank can tell (RANK and WORLD_SIZE are the group's, indices within their sizes).
+    Anything less (NODE_RANK alone, as mpirun / srun recipes export it), or LOCAL_* read after
+    Accelerate may have written them, is checked against every member in the gather instead.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if dist.get_world_size(group) != world or launcher.accelerate_came_first():
+        return None  # a subgroup's members must be gathered; Accelerate's LOCAL_* checked
+    get = launcher.get_int
+    local_rank, local_size = get("LOCAL_RANK"), get("LOCAL_WORLD_SIZE")
+    var = "GROUP_RANK" if get("GROUP_RANK") is not None else "NODE_RANK"
+    node_rank, num_nodes = get(var), get("GROUP_WORLD_SIZE")
+    if (local_rank is None or local_size is None or node_rank is None or num_nodes is None
+            or get("RANK") != rank or get("WORLD_SIZE") != world
+            or not 0 <= local_rank < local_size <= world
+            or not 0 <= node_rank < num_nodes <= world):
+        return None
+    logger.debug("node identity of rank %d: from launcher variables (%s, GROUP_WORLD_SIZE, "
+                 "LOCAL_RANK, LOCAL_WORLD_SIZE; complete, no gather): node %d of %d, local rank "
+                 "%d of %d", rank, var, node_rank, num_nodes, local_rank, local_size)
+    return NodeLayout(node_rank, num_nodes, local_rank, local_size)
+
+
+def layout_from_gather(group: dist.ProcessGroup, timeout: timedelta,
+                       liveness: float | None) -> NodeLayout:
+    """The layout from one gather of every member's :class:`NodeFacts` (collective).
+
+    The gather is a side-channel operation on a lane of its own (whichever thread asks first
+    on each rank): bounded by ``timeout``, and a member that is dead, frozen or in another call
+    is named as in every guard or barrier.
+    """
+    from accel_utils._side.lane import close, lane_for  # the side channel needs torch's groups
+
+    lane = lane_for(group, "node-identity")
+    try:
+        raw = lane.gather(lane.begin(), "node identity", json.dumps(asdict(local_facts())).encode(),
+                          timeout, liveness)
+    finally:
+        close(group, "node-identity")
+    facts = [NodeFacts(**json.loads(r)) for r in raw]
+    me = dist.get_rank(group)
+    verdict = decide(facts, whole_world=len(facts) == dist.get_world_size())
+    node = verdict.node_of[me]
+    layout = NodeLayout(
+        node_rank=node,
+        num_nodes=verdict.num_nodes,
+        local_rank=verdict.local_of[me],
+        local_world_size=verdict.node_of.count(node),
+    )
+    rejected = f"; launcher variables not used: {'; '.join(verdict.rejected)}" \
+        if verdict.rejected else ""
+    logger.debug("node identity of rank %d in a group of %d: from %s (node %d of %d, local rank "
+                 "%d of %d)%s", me, len(facts), verdict.source, layout.node_rank,
+                 layout.num_nodes, layout.local_rank, layout.local_world_size, rejected)
+    if me == 0 and verdict.rejected:
+        hint = (" (an Accelerator or PartialState built before accel_utils was imported writes "
+                "LOCAL_RANK=0 / LOCAL_WORLD_SIZE=1 on launches without torchrun: import "
+                "accel_utils first)" if any("LOCAL_" in r for r in verdict.rejected) else "")
+        logger.warning("launcher variables set at import are inconsistent with the process "
+                       "group and were not used (%s); node identity comes from %s%s",
+                       "; ".join(verdict.rejected), verdict.source, hint)
+    if me == 0 and verdict.collisions and verdict.by_keys:
+        logger.warning(
+            "%s: they count as different nodes, told apart by the address each uses to reach "
+            "the rendezvous. Give every host its own host name, or export LOCAL_RANK, "
+            "LOCAL_WORLD_SIZE and NODE_RANK on every process, so that node identity does not "
+            "rest on addresses.", "; ".join(verdict.collisions))
+    return layout

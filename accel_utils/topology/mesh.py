@@ -1,7 +1,6 @@
 """How a DeviceMesh splits into the groups a Topology describes.
 
-Part of the resolver (only :mod:`accel_utils.topology` imports it), split out to keep that
-module small: this is where Accelerate's and torch's mesh dimension names are known.
+Part of the resolver: this is where Accelerate's and torch's mesh dimension names are known.
 
 Groups are built from the mesh's own dimensions, through public API only: a single dimension
 is ``mesh.get_group(dim)``; several dimensions (dp x cp for losses) become one group over the
@@ -13,6 +12,7 @@ torch 2.13 deprecates nor the private ``DeviceMesh._flatten`` is needed.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch.distributed as dist
@@ -33,6 +33,7 @@ _FLAT_LOSS_DIMS = ("dp_cp", "dp_shard_cp")
 
 # Groups made over several mesh dims, by their ranks: made once per set of ranks and world.
 _made: dict[tuple[int, ...], dist.ProcessGroup] = {}
+_making = threading.Lock()
 
 
 class MeshGroups(NamedTuple):
@@ -93,13 +94,14 @@ def _group_over(mesh: DeviceMesh, dims: list[int]) -> dist.ProcessGroup | None:
     ranks = tuple(int(r) for r in mesh.mesh[index].flatten().tolist())
     if len(ranks) == dist.get_world_size():
         return dist.group.WORLD
-    group = _made.get(ranks)
-    if group is None:
-        group = dist.new_group(list(ranks), use_local_synchronization=True)
-        _made[ranks] = group
+    with _making:  # threads resolving the same mesh at once: one new_group, not one each
+        group = _made.get(ranks)
+        if group is None:
+            group = dist.new_group(list(ranks), use_local_synchronization=True)
+            _made[ranks] = group
     return group
 
 
-def clear() -> None:
+def forget_groups() -> None:
     """Forget the groups made here (a new default group, or it was destroyed)."""
     _made.clear()

@@ -1,19 +1,18 @@
-"""One background thread per side channel: heartbeats, failure alarms and bounded store calls.
+"""The heartbeat: one background thread per lane that beats, reads alarms and makes store calls.
 
 While this rank is inside a side-channel operation (a guard's block, a wait) for longer than
-0.1 s, the thread beats: it writes this rank's mark (``"seq phase count"``) into the job's
+``BEAT_AFTER_S``, the thread beats: it writes this rank's :class:`~.wire.Mark` into the job's
 store and reads the marks of the members it watches, its two ring neighbours (everyone's, once
 one of them falls silent, so that a verdict names every silent member). The waiting thread
 then judges from those observations alone, so it never blocks on the store itself. A quick
 operation costs the thread nothing: it only looks at a field every ``POLL_S``.
 
 The store load of a long wait is bounded per rank whatever the world size: two requests per
-beat (its mark; one read of the watched marks and the lane's alarm counter), a beat every
-``POLL_S`` for the first ``FAST_S`` of an operation, then every ``liveness / 6`` (at most
-``SLOW_BEAT_S``). Whoever publishes a failure record, or needs everyone's marks fresh (a
-*wake*), raises an alarm: the counter goes up, every member reads the record at its next beat
-and beats fast again for ``FAST_S``. (A connection held in a server-side ``wait`` would make
-the alarm instant, but measured on torch 2.13 it stalls gloo's lazy connections by 5 s.)
+beat (its mark; one read of the watched marks and the lane's alarm counter), at the pace of
+:func:`~.timing.beat_interval`. Whoever publishes a failure record, or needs everyone's marks
+fresh (a *wake*), raises an alarm: the counter goes up, every member reads the record at its
+next beat and beats fast again for ``FAST_S``. (A connection held in a server-side ``wait``
+would make the alarm instant, but measured on torch 2.13 it stalls gloo's lazy connections by 5 s.)
 
 Every store call runs on this thread, over a connection of its own (a store call on a
 partitioned host blocks for ~15 minutes whatever its timeout): callers wait at most a deadline
@@ -22,57 +21,37 @@ and then say that the job's store is lost.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
-from accel_utils.errors import SideChannelError
+import torch.distributed as dist
 
-logger = logging.getLogger(__name__)
+from accel_utils._side import life
+from accel_utils._side.timing import BEAT_AFTER_S, FAST_S, POLL_S, beat_interval, store_deadline
+from accel_utils._side.wire import Mark, Phase, Record, mark_key
+from accel_utils.errors import SideChannelError, describe
+from accel_utils.topology import launcher
 
-POLL_S = 0.5  # how often a wait beats while it is young (or woken)
-FAST_S = 5.0  # how long an operation (or a wake) keeps the beat at POLL_S
-SLOW_BEAT_S = 3.0  # the slowest beat of a long wait
-_BEAT_AFTER_S = 0.1  # operations shorter than this (every quick one) never beat
+logger = logging.getLogger("accel_utils.side_channel")
+
 ALARMS = "alarms"  # the lane's alarm counter
 
 
-@dataclass(frozen=True)
-class Mark:
-    """A member's latest heartbeat: the operation it is in, its phase there, a counter."""
-
-    seq: int
-    phase: str  # "w": running a guarded block first; "a": arrived (waiting); "-": none yet
-    count: int
-
-    @classmethod
-    def parse(cls, raw: bytes | str) -> Mark:
-        seq, phase, count = (raw.decode() if isinstance(raw, bytes) else raw).split()
-        return cls(int(seq), phase, int(count))
-
-    def __str__(self) -> str:
-        return f"{self.seq} {self.phase} {self.count}"
-
-
-def mark_key(rank: int) -> str:
-    return f"mark/{rank}"
-
-
-def beat_interval(lasted: float, liveness: float | None) -> float:
-    """Seconds between beats of an operation ``lasted`` seconds old (see the module)."""
-    if lasted < FAST_S:
-        return POLL_S
-    return min(max(POLL_S, (liveness or SLOW_BEAT_S * 6) / 6), SLOW_BEAT_S)
-
-
-def silence_s(liveness: float | None) -> float:
-    """Silence that proves a member is not beating: its slowest beat and the thread's lag."""
-    return beat_interval(FAST_S, liveness) + 2 * POLL_S
+def store_lost(how: str) -> str:
+    """Why no rank can be judged now: the job's store, where it is and who hosts it, is gone
+    (``how``: what this rank saw of it)."""
+    addr, port = launcher.get("MASTER_ADDR"), launcher.get("MASTER_PORT")
+    where = f" at {addr}:{port}" if addr else ""
+    host = ("torchrun's agent on the rendezvous host" if os.environ.get(
+        "TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0's process (node 0)")
+    return (f"lost the job's store{where}: {how}; it is hosted by {host}, which died or is "
+            "unreachable from this rank. Without the store no rank's heartbeat can be read, so "
+            "no rank is named")
 
 
 def raise_alarm(store: Any, value: str) -> None:
@@ -88,36 +67,45 @@ class Pulse:
         rank: this member's rank in the parent group.
         size: the number of members.
         name: for the thread's name.
+        root: the job's store itself (no prefix) on this thread's connection, where every
+            process's sign of life is (see :mod:`~accel_utils._side.life`); None: not read.
+        global_ranks: each member's global rank, in group rank order (with ``root``).
     """
 
-    def __init__(self, store: Any, rank: int, size: int, name: str) -> None:
-        self._store, self._rank, self._size = store, rank, size
+    def __init__(self, store: Any, rank: int, size: int, name: str, root: Any = None,
+                 global_ranks: list[int] | None = None) -> None:
+        self._store, self._rank, self._size, self._name = store, rank, size, name
+        self._root, self._globals = root, global_ranks
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._active: tuple[int, str, float, float | None] | None = None
+        self._active: tuple[int, Phase, float, float | None] | None = None
         self._count = 0
         self._last_beat = 0.0
         self._woken = -FAST_S  # when the last alarm arrived
         self._wide = False  # reading every member's mark in this operation
         self.wide_since: float | None = None  # the first reading of every member's mark
         self._busy_since: float | None = None
+        self.failing_since: float | None = None  # store calls fail (DistError) since then
         self._stopped = False
         self.requests = 0  # store round trips asked for (calls and beats), for tests
-        self.records: dict[str, dict[str, Any]] = {}  # failure records seen, by key
+        self.records: dict[str, Record] = {}  # failure records seen, by key
         self.seen: dict[int, tuple[Mark, float]] = {}  # rank -> (mark, when it last changed)
+        # watched members not in the operation -> (sign of life, when it last changed)
+        self.lives: dict[int, tuple[life.Life, float]] = {}
+
         self._watch = sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
         self._alarms = 0  # alarms read so far
         self._exist: set[int] = set()  # members whose mark exists (no need to check again)
         threading.Thread(target=self._run, name=f"accel-utils-pulse-{name}", daemon=True).start()
 
     # ------------------------------------------------------------------ the operating thread
-    def activate(self, seq: int, phase: str, liveness: float | None) -> None:
+    def activate(self, seq: int, phase: Phase, liveness: float | None) -> None:
         """This rank entered (or, for the same ``seq``, moved on inside) operation ``seq``."""
         old = self._active
         if old is not None and old[0] == seq:  # a first rank leaving its block: say so now
             self._active = (seq, phase, old[2], liveness)
             self._last_beat = 0.0
             return
-        self.seen, self._wide, self.wide_since = {}, False, None
+        self.seen, self.lives, self._wide, self.wide_since = {}, {}, False, None
         self._active = (seq, phase, time.monotonic(), liveness)
 
     def widen(self) -> None:
@@ -143,12 +131,16 @@ class Pulse:
         Raises:
             SideChannelError: the store did not answer in time (lost the job's store).
         """
+        stuck = self.stuck_for()
+        if stuck >= deadline_s:  # an earlier call never came back: this one would queue behind
+            raise SideChannelError(store_lost(f"no answer for {stuck:.1f}s"))
         done = threading.Event()
         box: list[Any] = [None, None]
 
         def job() -> None:
             try:
                 box[0] = fn(self._store)
+                self._answered()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 box[1] = exc
             done.set()
@@ -156,12 +148,32 @@ class Pulse:
         self.requests += 1
         self._jobs.put(job)
         if not done.wait(deadline_s):
-            raise SideChannelError(
-                f"lost the job's store: no answer for {deadline_s:g}s (its host is down or "
-                "unreachable from this rank)")
-        if box[1] is not None:
-            raise box[1]
+            raise SideChannelError(store_lost(f"no answer for {deadline_s:g}s"))
+        error = box[1]
+        if isinstance(error, dist.DistError):  # the store's connection, not the caller's request
+            self._failed(error)
+            raise SideChannelError(store_lost(f"it failed ({describe(error)})")) from error
+        if error is not None:
+            raise error
         return box[0]
+
+    def store(self, fn: Callable[[Any], Any], liveness: float | None) -> Any:
+        """``fn(store)`` on this thread, within :func:`~.timing.store_deadline` (see
+        :meth:`call`)."""
+        return self.call(fn, store_deadline(liveness))
+
+    def read_lives(self, ranks: list[int], liveness: float | None) -> dict[int, life.Life]:
+        """The signs of life of ``ranks`` (group ranks) that exist, read now (bounded)."""
+        if self._root is None or self._globals is None:
+            return {}
+        members = {self._globals[r]: r for r in ranks}
+        found = self.store(lambda _: life.read(self._root, list(members)), liveness)
+        return {members[g]: sign for g, sign in found.items()}
+
+    def unanswered_for(self) -> float:
+        """How long the store has not answered: a call hanging, or calls failing (0: it does)."""
+        failing = self.failing_since
+        return max(self.stuck_for(), 0.0 if failing is None else time.monotonic() - failing)
 
     def stuck_for(self) -> float:
         """How long the thread's current store call has been running (0 when idle)."""
@@ -174,10 +186,33 @@ class Pulse:
         return 0.0 if since is None else time.monotonic() - since
 
     def stale(self, seq: int | None, silent_s: float) -> list[int]:
-        """Members inside operation ``seq`` (any, for None) whose mark stood for ``silent_s``."""
-        now = time.monotonic()
+        """Members inside operation ``seq`` (any, for None) whose mark stood for ``silent_s``.
+
+        Silence counts only while the store answers: a store that stopped answering makes
+        nobody silent (it is the store that is lost, see :meth:`stuck_for`).
+        """
+        now = self._answering_until()
         return sorted(r for r, (mark, since) in list(self.seen.items()) if r != self._rank
                       and seq in (None, mark.seq) and now - since >= silent_s)
+
+    def absent(self, silent_s: float | None) -> tuple[list[int], list[int]]:
+        """Watched members that have not entered the operation and whose process is gone
+        from this host, and those whose sign of life stood still for ``silent_s`` (None: not
+        judged): dead or frozen before they arrived, not merely late."""
+        lives, now = list(self.lives.items()), self._answering_until()
+        gone = sorted(r for r, (sign, _) in lives if sign.gone_from_this_host())
+        silent = [] if silent_s is None else sorted(
+            r for r, (_, since) in lives if r not in gone and now - since >= silent_s)
+        return gone, silent
+
+    def _answering_until(self) -> float:
+        """Now, or when the store stopped answering (silence after that proves nothing)."""
+        failing, stuck = self.failing_since, self._busy_since
+        if failing is not None:
+            return failing
+        if stuck is not None and time.monotonic() - stuck > 2 * POLL_S:  # a call hangs
+            return stuck
+        return time.monotonic()
 
     # --------------------------------------------------------------------- the pulse thread
     def _run(self) -> None:
@@ -191,20 +226,36 @@ class Pulse:
                 if job is not None:
                     job()
                     job = None  # its closure may hold a lane (and its group): let it go now
-                self._beat()
-            except Exception:
-                logger.debug("side-channel heartbeat failed", exc_info=True)
+                if self._beat():
+                    self._answered()
+            except dist.DistError as exc:
+                self._failed(exc)
+            except Exception:  # a defect here must not stop the heartbeat: say it loudly
+                logger.exception("side-channel heartbeat of %s failed", self._name)
             finally:
                 self._busy_since = None
 
-    def _beat(self) -> None:
+    def _failed(self, exc: BaseException) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            logger.warning("side channel %s cannot reach the job's store (%s): its waits will "
+                           "end with 'lost the job's store' if it does not come back",
+                           self._name, describe(exc))
+
+    def _answered(self) -> None:
+        if self.failing_since is not None:
+            self.failing_since = None
+            logger.info("side channel %s reaches the job's store again", self._name)
+
+    def _beat(self) -> bool:
+        """Beat if it is time: write this rank's mark, read the watched ones (True if it did)."""
         active = self._active
         now = time.monotonic()
-        if active is None or now - active[2] < _BEAT_AFTER_S:
-            return
+        if active is None or now - active[2] < BEAT_AFTER_S:
+            return False
         seq, phase, since, liveness = active
         if now - self._last_beat < beat_interval(min(now - since, now - self._woken), liveness):
-            return
+            return False
         self._last_beat = now
         self._count += 1
         self.requests += 2
@@ -221,6 +272,7 @@ class Pulse:
             alarms, marks = int(values[0]), {r: Mark.parse(v) for r, v in zip(ranks, values[1:],
                                                                                strict=True)}
         self._observe(marks)
+        self._observe_lives([r for r in ranks if r not in marks or marks[r].seq < seq])
         if wide and self.wide_since is None:  # not before _observe's own clock: a member
             self.wide_since = time.monotonic()  # silent all along is stale for all of wide_for
         if alarms > self._alarms:
@@ -228,6 +280,7 @@ class Pulse:
         if (liveness is not None and not self._wide
                 and self.stale(seq, liveness / 4)):  # from now on, watch who else goes silent
             self._wide = True
+        return True
 
     def _read_alarms(self, count: int) -> None:
         """File the records of alarms not read yet; beat fast again (a wake or a failure)."""
@@ -240,9 +293,24 @@ class Pulse:
             record = self._store.get(key).decode()
             if record and record not in self.records:
                 self.requests += 1
-                self.records[record] = json.loads(self._store.get(record))
+                self.records[record] = Record.from_json(self._store.get(record))
             self._alarms += 1
             self._woken = time.monotonic()
+
+    def _observe_lives(self, absent: list[int]) -> None:
+        """Read the signs of life of the watched members not in the operation."""
+        if self._root is None or self._globals is None or not absent:
+            self.lives = {}
+            return
+        self.requests += 1
+        found = life.read(self._root, [self._globals[r] for r in absent])
+        now, lives = time.monotonic(), {}
+        for rank in absent:
+            sign = found.get(self._globals[rank])
+            if sign is not None:
+                old = self.lives.get(rank)
+                lives[rank] = old if old is not None and old[0] == sign else (sign, now)
+        self.lives = lives
 
     def _observe(self, marks: dict[int, Mark]) -> None:
         now = time.monotonic()

@@ -17,24 +17,26 @@ class IdentityCache:
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[Any, Any]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # setdefault holds it around get and put
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: Any) -> Any:
-        hit = self._entries.get(id(key))
-        return hit[1] if hit is not None and hit[0]() is key else None
+        with self._lock:
+            hit = self._entries.get(id(key))
+            return hit[1] if hit is not None and hit[0]() is key else None
 
     def put(self, key: Any, value: Any) -> None:
-        for k, (ref, _) in list(self._entries.items()):  # keys freed since (a new world)
-            if ref() is None:
-                del self._entries[k]
-        try:
-            ref = weakref.ref(key)
-        except TypeError:
-            ref = lambda: key  # noqa: E731 - objects without weak references stay alive
-        self._entries[id(key)] = (ref, value)
+        with self._lock:
+            for k, (ref, _) in list(self._entries.items()):  # keys freed since (a new world)
+                if ref() is None:
+                    del self._entries[k]
+            try:
+                ref = weakref.ref(key)
+            except TypeError:
+                ref = lambda: key  # noqa: E731 - objects without weak references stay alive
+            self._entries[id(key)] = (ref, value)
 
     def setdefault(self, key: Any, make: Callable[[], Any]) -> Any:
         """The value for ``key``, made and stored by ``make()`` if absent: one per key, even
@@ -47,12 +49,9 @@ class IdentityCache:
             return value
 
     def values(self) -> list[Any]:
-        return [value for ref, value in self._entries.values() if ref() is not None]
-
-    def discard_value(self, value: Any) -> None:
-        for k, (_, cached) in list(self._entries.items()):
-            if cached is value:
-                del self._entries[k]
+        with self._lock:
+            return [value for ref, value in self._entries.values() if ref() is not None]
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()

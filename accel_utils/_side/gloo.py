@@ -1,6 +1,6 @@
 """Gloo side groups themselves: creation with few sockets, descriptor limits, parking.
 
-The side channel's protocol lives in :mod:`accel_utils.side_channel`; this module knows how a
+The protocol lives in :mod:`accel_utils._side.lane`; this module knows how a
 gloo group is made (lazily connected, so a rank holds sockets to its ring neighbours only), how
 to tell a process that has no descriptors left for one, how to wait on its operations a slice at
 a time, and where abandoned groups go: parked in a daemon thread's frame, never destroyed (a
@@ -10,6 +10,7 @@ raising or exiting).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import queue
@@ -22,16 +23,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+_SWEEP_S = 2.0  # how often parked groups are looked at for freeing
 _FDS_PER_GROUP = 16  # a lazy side group holds ~6 (a store connection, a listener, 2 ring pairs)
 
 
 class _Keeper:
-    """Holds parked groups from a daemon thread's frame, so no destructor ever runs on them."""
+    """Holds parked groups in a daemon thread's frame until nothing of theirs is pending.
+
+    A parked group's destructor would wait for its pending operation (a peer that never comes:
+    up to the operation's timeout), so it must not run on a thread that raises or exits. Here
+    it runs on the keeper's own thread, once the operation is over (gloo completes it with an
+    error at its timeout or when a peer's connection drops) and a connecting thread has ended:
+    descriptors and memory of failed operations come back instead of piling up.
+    """
 
     def __init__(self) -> None:
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.count = 0  # objects parked so far
+        self.held = 0  # parked and not yet freed
 
     def park(self, *objects: Any) -> None:
         if self._thread is None:
@@ -42,9 +52,24 @@ class _Keeper:
         self.count += 1
 
     def _hold(self) -> None:
-        kept = []
+        kept: list[tuple[Any, ...]] = []
         while True:
-            kept.append(self._inbox.get())
+            with contextlib.suppress(queue.Empty):  # none new: sweep anyway
+                kept.append(self._inbox.get(timeout=_SWEEP_S))
+            kept = [objects for objects in kept if not _settled(objects)]  # the rest are freed
+            self.held = len(kept) + self._inbox.qsize()
+
+
+def _settled(objects: tuple[Any, ...]) -> bool:
+    """Nothing in ``objects`` is still running: a connecting thread ended, an operation is over."""
+    for obj in objects:
+        if isinstance(obj, threading.Thread) and obj.is_alive():
+            return False
+        if callable(getattr(obj, "is_completed", None)) and not obj.is_completed():
+            return False
+        if isinstance(obj, dict) and not all(_settled((v,)) for v in obj.values()):
+            return False
+    return True
 
 
 _keeper = _Keeper()
@@ -58,6 +83,11 @@ def park(*objects: Any) -> None:
 def parked_count() -> int:
     """How many abandoned groups (or connection attempts) this process has parked."""
     return _keeper.count
+
+
+def held_count() -> int:
+    """How many parked groups (or connection attempts) are not freed yet."""
+    return _keeper.held
 
 
 def descriptors_short(rank: int, need: int = 0) -> str:

@@ -1,0 +1,385 @@
+"""The lane: one parent group's side channel as one thread sees it, and its state machine.
+
+Every guard, barrier and probe is an *operation* on its parent group's lane. Each member numbers
+the operations it enters, so all members agree on the number ``seq`` of every call, failed ones
+included. An operation is one all-reduce of a few words (:class:`~.wire.Call`), so a mismatch
+raises on every rank instead of pairing the wrong calls.
+
+The gloo group is created by the first operation that needs it, under a store prefix named
+after that operation, and is never reused after a failure: every member that fails an operation
+(or learns of a failure through the store) parks its group, and the next operation builds a
+fresh one under its own ``seq``, so every member lands on the same prefix again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, NoReturn
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import PrefixStore
+
+from accel_utils._identity_cache import IdentityCache
+from accel_utils._side import life
+from accel_utils._side.diagnosis import Diagnosis
+from accel_utils._side.gloo import connect_gloo, descriptors_short, finished, park, set_timeout
+from accel_utils._side.heartbeat import Pulse, store_lost
+from accel_utils._side.timing import (
+    GRACE_S,
+    POLL_S,
+    absent_silence_s,
+    store_deadline,
+    unresponsive_window,
+)
+from accel_utils._side.wire import Call, Failure, Kind, Mark, Phase, Record, Reduced, mark_key
+from accel_utils.errors import SideChannelError, describe
+
+logger = logging.getLogger("accel_utils.side_channel")
+
+
+class _Regroup(Exception):
+    """The group failed under an earlier operation this member saw succeed: rebuild, retry."""
+
+
+@dataclass(eq=False)
+class Lane:
+    """One parent group's side channel as seen by one thread of this process."""
+
+    name: str
+    rank: int  # within the parent group
+    size: int
+    ranks: frozenset[int]  # the members' global ranks, to tell overlapping groups apart
+    base: Any  # the lane's share of the job's store (a PrefixStore)
+    pulse: Pulse
+    seq: int = 0  # operations entered; every member enters the same ones in the same order
+    group: Any = None  # the current gloo group, None until (re)created
+    gen: int = 0  # the seq whose prefix the current group was created under
+    timeout: timedelta | None = None  # the gloo group's current timeout
+    work: Any = None  # the operation in flight, parked with the group on a failure
+    label: str = ""  # the current operation's label (a guard's order)
+    memo: dict[str, Any] = field(default_factory=dict)  # per-lane facts (probes, node posted)
+    diagnosis: Diagnosis = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.diagnosis = Diagnosis(self.name, self.rank, self.size, self.pulse)
+
+    def post_place(self, node: int, local_rank: int, liveness: float | None) -> None:
+        """Once per lane: this rank's node and local rank, so survivors can name its node."""
+        if not self.memo.get("place"):
+            key, value = f"node/{self.rank}", f"{node} {local_rank}"  # no reference to self
+            self.pulse.store(lambda s: s.set(key, value), liveness)
+            self.memo["place"] = True
+
+    def begin(self) -> int:
+        """Enter the next operation; returns its number (the same on every member)."""
+        self.seq += 1
+        return self.seq
+
+    def record_key(self, seq: int) -> str:
+        """Where operation ``seq``'s failure record lives (one key per group generation)."""
+        return f"fail/{self.gen if self.group is not None else seq}"
+
+    def report(self, record: Record, liveness: float | None) -> Record:
+        """Publish ``record`` for its operation (first writer wins); returns the winner."""
+        return self.diagnosis.publish(self.record_key(record.seq), record, liveness)
+
+    def failure(self, seq: int, liveness: float | None) -> Record | None:
+        """Operation ``seq``'s failure record in the store, if any."""
+        return self.diagnosis.read(self.record_key(seq), liveness)
+
+    # ------------------------------------------------------------------------ operations
+    def run(self, seq: int, kind: Kind, label: str, what: str, limit: timedelta,
+            liveness: float | None, payload: int = 0, failed: bool = False,
+            wait: bool = True) -> Reduced:
+        """Operation ``seq``: the OR of every member's ``payload`` (and the failure bit).
+
+        With ``wait=False`` this member only contributes (a failing rank that must not wait),
+        then parks the group. Raises on every failure, naming who and why (see the module).
+        """
+        self.label = label
+        self.pulse.activate(seq, Phase.ARRIVED, liveness)
+        # A member inside this operation for a while asks for a second round: a peer that
+        # died or froze after its share went through must not let some members pass.
+        words = Call(kind, label, seq, payload, failed, self.pulse.lasted() > POLL_S).pack()
+        try:
+            while True:
+                try:
+                    tensor = self._start(seq, words, what, limit, liveness)
+                    if not wait:
+                        self.abandon()
+                        return Reduced.nothing()
+                    deadline = time.monotonic() + limit.total_seconds() + GRACE_S
+                    self._watch(finished(self.work), seq, what, deadline, limit, liveness)
+                    if Reduced(tuple(tensor.tolist())).confirm:
+                        tensor = self._start(seq, words, what, limit, liveness)
+                        self._watch(finished(self.work), seq, what, deadline, limit, liveness)
+                    break
+                except _Regroup:
+                    logger.warning("%s: the side channel failed under an earlier call; "
+                                   "rebuilding it for call %d", what, seq)
+                    self.abandon()
+        finally:
+            self.pulse.deactivate()
+        self.work = None
+        result = Reduced(tuple(tensor.tolist()))
+        if result.mismatched:
+            raise self.diagnosis.mismatch(
+                seq, f"{what}{label and f' {label!r}'} (call {seq})", liveness)
+        return result
+
+    def gather(self, seq: int, what: str, data: bytes, limit: timedelta,
+               liveness: float | None) -> list[bytes]:
+        """Operation ``seq``: every member's ``data``, in rank order, on every member.
+
+        One agreeing operation (so a member in another call, or absent, is diagnosed as in
+        every operation), then two all-gathers on the side group (sizes, bytes), each waited
+        on with the same deadline and judgement.
+        """
+        self.run(seq, Kind.GATHER, "", what, limit, liveness)
+        deadline = time.monotonic() + limit.total_seconds() + GRACE_S
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        self.pulse.activate(seq, Phase.ARRIVED, liveness)
+        try:
+            self.work = self.group.allgather([sizes], [torch.tensor([len(data)])])
+            self._watch(finished(self.work), seq, what, deadline, limit, liveness)
+            longest = max(int(n) for n in sizes)
+            mine = torch.zeros(longest, dtype=torch.uint8)
+            if data:
+                mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            out = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.size)]
+            self.work = self.group.allgather([out], [mine])
+            self._watch(finished(self.work), seq, what, deadline, limit, liveness)
+        finally:
+            self.pulse.deactivate()
+        self.work = None
+        return [bytes(o[: int(n)].tolist()) for o, n in zip(out, sizes, strict=True)]
+
+    def _start(self, seq: int, words: list[int], what: str, limit: timedelta,
+               liveness: float | None) -> torch.Tensor:
+        if self.group is None:
+            self._create(seq, what, limit, liveness)
+        if self.timeout != limit:  # else a wait that gave up would leave its operation pending
+            set_timeout(self.group, limit)
+            self.timeout = limit
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.BOR  # type: ignore[assignment]  # stubs: RedOpType
+        tensor = torch.tensor(words, dtype=torch.int64)
+        self.work = self.group.allreduce([tensor], opts)
+        return tensor
+
+    def connect(self, seq: int, what: str, limit: timedelta, liveness: float | None) -> None:
+        """Create the gloo group under operation ``seq``'s prefix (collective over members)."""
+        self.pulse.activate(seq, Phase.ARRIVED, liveness)
+        try:
+            self._create(seq, what, limit, liveness)
+        finally:
+            self.pulse.deactivate()
+
+    def _short_of_descriptors(self, seq: int, what: str, liveness: float | None,
+                              need: int = 0) -> None:
+        """Fail on every member, naming this one, if it cannot open a side group's sockets."""
+        short = descriptors_short(self.rank, need)
+        if short:  # a clear error on every member, not a socket error on one
+            self.fail(self.report(Record(Failure.RESOURCES, seq, self.rank, what,
+                                         message=short), liveness))
+
+    def _create(self, seq: int, what: str, limit: timedelta, liveness: float | None) -> None:
+        box: dict[str, Any] = {}
+        base, rank, size = self.base, self.rank, self.size
+        self._short_of_descriptors(seq, what, liveness)
+
+        def build() -> None:  # on its own connection: a rendezvous blocks its store client
+            try:
+                store = PrefixStore(f"g{seq}", base.clone() if hasattr(base, "clone")
+                                         else base)
+                box["group"] = connect_gloo(store, rank, size, limit)
+            except Exception as exc:  # noqa: BLE001 - reported by the watching thread
+                box["error"] = exc
+
+        self.gen = seq
+        thread = threading.Thread(target=build, name="accel-utils-connect", daemon=True)
+        thread.start()
+
+        def built(slice_: timedelta) -> bool:
+            thread.join(slice_.total_seconds())
+            if thread.is_alive():
+                return False
+            error = box.get("error")
+            if error is None:
+                return True
+            # Evidence, not gloo's wording: a full descriptor table, else an error before the
+            # timeout is this member's own (an interface, a refused connection), else the
+            # rendezvous timed out and the marks say who did not come.
+            self._short_of_descriptors(seq, what, liveness, need=64)
+            if not _timed_out(deadline, limit):
+                self.fail(self.report(Record(
+                    Failure.CREATION, seq, self.rank, what, rank=self.rank,
+                    exc_type=type(error).__name__, message=describe(error)[:2000]), liveness),
+                    error, liveness)
+            raise error
+
+        deadline = time.monotonic() + limit.total_seconds() + GRACE_S
+        try:
+            self._watch(built, seq, what, deadline, limit, liveness)
+        except BaseException:
+            park(thread, box)  # it may still connect later: never free that group
+            raise
+        self.group, self.timeout = box["group"], limit
+        logger.debug("created gloo side group g%d for %s", seq, self.name)
+
+    def _watch(self, done: Callable[[timedelta], Any], seq: int, what: str,
+               deadline: float, limit: timedelta, liveness: float | None) -> None:
+        """Wait until ``done(slice)`` is true, judging the others every ``POLL_S``."""
+        key = self.record_key(seq)
+        while True:
+            left = deadline - time.monotonic()
+            step = max(min(POLL_S, left), 0.001)
+            try:
+                if done(timedelta(seconds=step)) is not False:
+                    return
+            except SideChannelError:  # already a verdict
+                raise
+            except RuntimeError as err:  # gloo's verdict: our timeout, or a lost peer
+                if _timed_out(deadline, limit):
+                    self.fail(self.diagnosis.timed_out(key, seq, what, limit, liveness), err,
+                              liveness)
+                self.fail(self.diagnosis.lost(key, seq, what, self.label, liveness, err), err,
+                          liveness)
+            if left <= 0:
+                self.fail(self.diagnosis.timed_out(key, seq, what, limit, liveness), None,
+                          liveness)
+            self._judge(seq, what, liveness)
+
+    def _judge(self, seq: int, what: str, liveness: float | None) -> None:
+        record = self.pulse.records.get(self.record_key(seq))
+        if record is not None:
+            if record.seq < seq:
+                raise _Regroup
+            self.fail(record, liveness=liveness)
+        patience = store_deadline(liveness)
+        unanswered = self.pulse.unanswered_for()
+        if unanswered > patience:  # every verdict needs the store: none can be had
+            self.abandon()
+            raise SideChannelError(
+                f"{what}: {store_lost(f'no answer for {unanswered:.1f}s')}")
+        self._judge_absent(seq, what, liveness)
+        if liveness is None:
+            return
+        if not self.pulse.stale(seq, liveness):
+            return
+        window = unresponsive_window(liveness)  # name every member silent that long, not one
+        self.pulse.widen()
+        if self.pulse.wide_for() >= window:
+            stale = self.pulse.stale(seq, window)
+            self.fail(self.report(Record(Failure.UNRESPONSIVE, seq, self.rank, what,
+                                         ranks=tuple(stale), liveness_s=liveness), liveness))
+
+    def _judge_absent(self, seq: int, what: str, liveness: float | None) -> None:
+        """Watched members that never entered this operation: dead (gone from this host) at
+        once, not responding once their sign of life stood still (see ``absent_silence_s``)."""
+        window = None if liveness is None else absent_silence_s(liveness)
+        gone, silent = self.pulse.absent(window)
+        if gone:
+            self.fail(self.diagnosis.gone(self.record_key(seq), seq, what, self.label, liveness))
+        if silent:
+            self.fail(self.report(Record(Failure.UNRESPONSIVE, seq, self.rank, what,
+                                         ranks=tuple(silent), liveness_s=window), liveness))
+
+    def abandon(self) -> None:
+        """Stop using the group (it may hold a pending operation): park it, build anew later."""
+        if self.group is not None:
+            park(self.group, self.work)
+        self.group, self.work, self.timeout = None, None, None
+
+    def fail(self, record: Record, cause: BaseException | None = None,
+             liveness: float | None = None) -> NoReturn:
+        """Abandon the group and raise the error that ``record`` describes."""
+        key = self.record_key(record.seq)
+        self.abandon()
+        if record.kind is Failure.TIMEOUT:
+            record = self.diagnosis.complete(record, key, liveness)
+        raise self.diagnosis.error(record) from cause
+
+
+def _timed_out(deadline: float, limit: timedelta) -> bool:
+    """Whether gloo's own timeout (``limit``, which our ``deadline`` trails) has run out by now:
+    the evidence that tells its timeout from any other error, whatever its message says."""
+    started = deadline - GRACE_S - limit.total_seconds()
+    return time.monotonic() - started >= 0.9 * limit.total_seconds()
+
+
+# ----------------------------------------------------------------------------------- lanes
+_lanes = IdentityCache()  # parent group -> {thread name: Lane}; entries die with their parent
+_DEFAULT_THREAD_NAME = re.compile(r"Thread-\d+( \(.*\))?$|ThreadPoolExecutor-\d+_\d+$")
+
+
+def lane_for(parent: dist.ProcessGroup, purpose: str = "") -> Lane:
+    """This thread's lane on ``parent`` (created on first use; no collective, no waiting).
+
+    Threads other than the main one get lanes of their own, matched across ranks by thread
+    name: a guard in thread "loader" on one rank pairs with thread "loader" on the others.
+    With ``purpose``, the lane of that name whatever the thread (the library's own calls that
+    every rank makes once, from whichever thread asks first).
+    """
+    thread = threading.current_thread()
+    tag = purpose or ("" if thread is threading.main_thread() else thread.name)
+    lanes: dict[str, Lane] = _lanes.setdefault(parent, dict)
+    lane: Lane | None = lanes.get(tag)
+    if lane is None:
+        if not purpose and _DEFAULT_THREAD_NAME.match(tag):
+            logger.warning(
+                "side channel for thread %r: threads are matched across ranks by name, and a "
+                "default name counts the threads this process started before (a logger or "
+                "tracker started on some ranks only shifts it), so the other ranks may call "
+                "theirs differently and this thread's guards and barriers would wait for the "
+                "timeout. Name the thread the same on every rank: threading.Thread(name=...), "
+                "ThreadPoolExecutor(thread_name_prefix=...)", tag)
+        name = parent.group_name + (f"/thread:{tag}" if tag else "")
+        root = life.root_store(parent.get_group_store())
+        connection = root.clone()  # the pulse thread's own: its calls may block for minutes
+        base = PrefixStore(f"accel_utils/side/{name}", root)
+        rank, size = dist.get_rank(parent), dist.get_world_size(parent)
+        members = dist.get_process_group_ranks(parent)
+        pulse = Pulse(PrefixStore(f"accel_utils/side/{name}", connection), rank, size, name,
+                      connection, members)
+        lane = lanes[tag] = Lane(name, rank, size, frozenset(members), base, pulse)
+        lane.pulse.store(lambda s: s.set(mark_key(rank), str(Mark(0, Phase.NONE, 0))), None)
+    return lane
+
+
+def close(parent: dist.ProcessGroup, purpose: str) -> None:
+    """Forget the ``purpose`` lane of ``parent`` after its last operation (every member does)."""
+    lanes: dict[str, Lane] | None = _lanes.get(parent)
+    lane = None if lanes is None else lanes.pop(purpose, None)
+    if lane is not None:  # nothing is pending on its group: freed now, not at exit
+        lane.pulse.stop()
+        lane.group = lane.work = None
+
+
+def side_group(parent: dist.ProcessGroup, limit: timedelta, what: str = "side group") -> Any:
+    """The gloo group of this thread's lane on ``parent``, created if it has none (collective
+    over ``parent``'s members then, waiting at most ``limit``)."""
+    lane = lane_for(parent)
+    if lane.group is None:
+        lane.connect(lane.begin(), what, limit, None)
+    return lane.group
+
+
+def lane_count() -> int:
+    """How many parent groups have lanes (for tests of the lifecycle)."""
+    return len(_lanes)
+
+
+def release_all() -> None:
+    """Forget every lane (stopping its thread), so that its groups end now, not at exit."""
+    for lanes in _lanes.values():
+        for lane in lanes.values():
+            lane.pulse.stop()
+    _lanes.clear()

@@ -1,0 +1,142 @@
+"""This process's sign of life: a slow beat from the first process group until its end.
+
+A lane's heartbeat runs only inside an operation, so it cannot tell a member that died before
+its first guard from one that is still loading data. This beat can: one daemon thread, started
+at ``import accel_utils``, waits (without importing anything) for ``torch.distributed`` to have
+a default group, then writes ``count pid host`` under ``accel_utils/life/<global rank>`` in the
+job's store every ``LIFE_BEAT_S``, on a store connection of its own, until that group is
+destroyed; a new default group (a new launch in a reused process) starts it again. Waiting
+members read the marks of watched members that have not arrived (see
+:class:`~accel_utils._side.heartbeat.Pulse`): a mark that stands still means the process
+froze or died, and a process gone from this host is known to be dead at once. One store request
+per process per ``LIFE_BEAT_S``: flat per node whatever the world size.
+
+Standard library only at import: torch is looked up in ``sys.modules``, never imported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from accel_utils._side.timing import LIFE_BEAT_S, POLL_S
+
+logger = logging.getLogger("accel_utils.side_channel")
+
+_WATCH_S = POLL_S  # how often the thread looks for a new (or destroyed) default group
+PREFIX = "accel_utils/life"
+
+
+@dataclass(frozen=True)
+class Life:
+    """A process's latest sign of life: a counter, its pid and host name."""
+
+    count: int
+    pid: int
+    host: str
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Life:
+        count, pid, host = (raw.decode() if isinstance(raw, bytes) else raw).split(" ", 2)
+        return cls(int(count), int(pid), host)
+
+    def __str__(self) -> str:
+        return f"{self.count} {self.pid} {self.host}"
+
+    def gone_from_this_host(self) -> bool:
+        """Its process no longer exists, as far as this host can tell (False elsewhere)."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # exists, owned by another user
+            return False
+        return False
+
+
+def life_key(global_rank: int) -> str:
+    return f"{PREFIX}/{global_rank}"
+
+
+class _Beat:
+    """The thread: follows the default group, beats into its store."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="accel-utils-life",
+                                                 daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        world: Any = None
+        store: Any = None
+        count, rank, host, failing = 0, -1, socket.gethostname(), False
+        while not self._stop.wait(_WATCH_S if store is None else LIFE_BEAT_S):
+            current = _default_group()
+            if current is not world:
+                world, store, count = current, None, 0
+                if world is not None:
+                    store, rank = _own_store(world)
+            if store is None:
+                continue
+            count += 1
+            try:
+                store.set(life_key(rank), str(Life(count, os.getpid(), host)))
+                if failing:
+                    logger.info("sign of life reaches the job's store again")
+                failing = False
+            except Exception as exc:  # noqa: BLE001 - the store's host may be gone: say so once
+                if not failing and _default_group() is world:  # not a group destroyed meanwhile
+                    logger.warning("could not write this process's sign of life into the job's "
+                                   "store (%s): the other ranks may name it not responding", exc)
+                failing = True
+
+
+def _default_group() -> Any:
+    """The current default process group, or None (torch.distributed is never imported)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    return dist.group.WORLD
+
+
+def _own_store(world: Any) -> tuple[Any, int]:
+    dist = sys.modules["torch.distributed"]
+    return root_store(world.get_group_store()).clone(), dist.get_rank()
+
+
+def root_store(store: Any) -> Any:
+    """The job's store under a group's prefixes (every group of a job shares it)."""
+    while hasattr(store, "underlying_store"):
+        store = store.underlying_store
+    return store
+
+
+_beat = _Beat()
+
+
+def start() -> None:
+    """Start the thread (once per process; done at ``import accel_utils``)."""
+    _beat.start()
+
+
+def read(store: Any, global_ranks: list[int]) -> dict[int, Life]:
+    """The signs of life of ``global_ranks`` that exist, from ``store`` (the default group's)."""
+    keys = {r: life_key(r) for r in global_ranks}
+    if store.check(list(keys.values())):  # one request when every mark exists
+        values = store.multi_get(list(keys.values()))
+        return {r: Life.parse(v) for r, v in zip(keys, values, strict=True)}
+    return {r: Life.parse(store.get(k)) for r, k in keys.items() if store.check([k])}
