@@ -7,9 +7,15 @@ step accumulates ``--grad-accum`` micro-batches inside ``get_sync_ctx`` (one gra
 reduction per step) and normalises by the global token count that ``reduce_loss`` returns (one
 collective per step).
 
-    torchrun --nproc_per_node 2 examples/train_tiny_lm.py [--fsdp2] [--steps 30]
+    torchrun --nproc_per_node 2 examples/train_tiny_lm.py [--fsdp2 | --deepspeed 3] [--steps 30]
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
         --dynamo_backend no --main_process_port 29501 examples/train_tiny_lm.py [--fsdp2]
+    accelerate launch --config_file examples/accelerate_deepspeed.yaml examples/train_tiny_lm.py
+
+DeepSpeed ZeRO (``--deepspeed STAGE``, or an ``accelerate launch`` DeepSpeed config such as
+examples/accelerate_deepspeed.yaml) runs through ``Accelerator(deepspeed_plugin=...)``: DeepSpeed
+divides by the micro-batch count, averages over ranks and steps at the last micro-batch itself,
+so each micro-batch's loss is scaled by the step's global token count up front.
 
 Without a GPU per process the script runs on CPU (``Accelerator(cpu=True)``, gloo); with one GPU
 per process it runs unchanged on them (NCCL). The main process shows a progress bar and ends
@@ -52,6 +58,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fsdp2", action="store_true", help="shard with FSDP2 instead of DDP")
+    parser.add_argument("--deepspeed", type=int, choices=(0, 1, 2, 3), default=None,
+                        help="train with DeepSpeed at this ZeRO stage instead of DDP (also "
+                        "selected by an `accelerate launch` DeepSpeed config)")
     parser.add_argument("--cache-dir",
                         default=os.path.join(tempfile.gettempdir(), "accel_utils_examples"),
                         help="where the tokenised dataset is kept (node-local is fine)")
@@ -143,9 +152,68 @@ def use_cpu() -> bool:
     return torch.cuda.device_count() < int(launcher_env().get("LOCAL_WORLD_SIZE", "1"))
 
 
+def ddp_micro_batches(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]]
+                      ) -> list[torch.Tensor]:
+    """Forward and backward of one step's micro-batches; the gradients then hold loss sums."""
+    store = []
+    for micro, batch in enumerate(micro_batches):
+        # forward and backward inside the context: only the last micro-batch syncs gradients
+        with get_sync_ctx(model, micro == len(micro_batches) - 1):
+            loss = loss_sum(model, batch)
+            loss.backward()
+        store.append(loss.detach())
+    return store
+
+
+# --8<-- [start:deepspeed]
+def deepspeed_accelerator(args: argparse.Namespace) -> Accelerator:
+    """An Accelerator running DeepSpeed: ZeRO ``--deepspeed``, or as accelerate launch set it."""
+    from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    handlers = []
+    if use_cpu():
+        import deepspeed
+
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a minute on 2 cores,
+        # and a build killed half-way leaves a lock every later launch waits on forever); only
+        # AutoTP inference uses it. Marked incompatible, DeepSpeed uses torch.distributed.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # Accelerate names no backend for DeepSpeed without GPUs and would report 1 process
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    plugin = None
+    if args.deepspeed is not None:
+        plugin = DeepSpeedPlugin(zero_stage=args.deepspeed,
+                                 gradient_accumulation_steps=args.grad_accum)
+    # the step boundary is every grad_accum-th micro-batch, never the end of an epoch
+    steps = GradientAccumulationPlugin(num_steps=args.grad_accum, sync_with_dataloader=False)
+    return Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers,
+                       gradient_accumulation_plugin=steps)
+
+
+def deepspeed_micro_batches(accelerator: Accelerator, model: torch.nn.Module,
+                            micro_batches: list[dict[str, torch.Tensor]], tokens: int
+                            ) -> list[torch.Tensor]:
+    """The same step under DeepSpeed, which steps the optimizer inside the last backward: the
+    global token count is needed before it, to scale each loss to the global per-token mean."""
+    global_tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
+    # DeepSpeed divides each micro-batch's gradient by their count and averages over ranks
+    scale = accelerator.num_processes * len(micro_batches) / global_tokens
+    store = []
+    for batch in micro_batches:
+        # get_sync_ctx is a null context here: DeepSpeed handles the boundary itself
+        with accelerator.accumulate(model), get_sync_ctx(model, None, group=accelerator):
+            loss = loss_sum(model, batch)
+            accelerator.backward(loss * scale)
+        store.append(loss.detach())
+    return store
+# --8<-- [end:deepspeed]
+
+
 def main() -> None:
     args = parse_args()
-    accelerator = Accelerator(cpu=use_cpu())
+    use_deepspeed = (args.deepspeed is not None
+                     or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true")
+    accelerator = deepspeed_accelerator(args) if use_deepspeed else Accelerator(cpu=use_cpu())
     set_seed(args.seed)  # the same initial weights on every rank
     dataset = load_dataset(args, accelerator)
     model = build_model(args)
@@ -158,6 +226,11 @@ def main() -> None:
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if use_deepspeed and model.gradient_accumulation_steps() != args.grad_accum:
+        raise SystemExit(  # DeepSpeed would divide by its own count and step on its own boundary
+            f"the DeepSpeed config accumulates {model.gradient_accumulation_steps()} micro-batches "
+            f"per step but --grad-accum is {args.grad_accum}: make them equal"
+        )
     model.train()
 
     batches = iter(())
@@ -167,26 +240,27 @@ def main() -> None:
                file=sys.stderr)
     start = time.perf_counter()
     for _ in range(args.steps):
-        store, tokens = [], 0
-        for micro in range(args.grad_accum):
+        micro_batches = []
+        for _micro in range(args.grad_accum):
             batch = next(batches, None)
             if batch is None:  # a new epoch
                 batches = iter(loader)
                 batch = next(batches)
-            # forward and backward inside the context: only the last micro-batch syncs gradients
-            with get_sync_ctx(model, micro == args.grad_accum - 1):
-                loss = loss_sum(model, batch)
-                loss.backward()
-            store.append(loss.detach())
-            tokens += int((batch["labels"][:, 1:] != -100).sum())
+            micro_batches.append(batch)
+        tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        if use_deepspeed:
+            store = deepspeed_micro_batches(accelerator, model, micro_batches, tokens)
+        else:
+            store = ddp_micro_batches(model, micro_batches)
         loss_total, denom = reduce_loss(store, tokens, dp_group=accelerator)
-        # DDP and FSDP2 average gradients over ranks; turn that into the global per-token mean
-        scale = accelerator.num_processes / denom.item()
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        optimizer.step()
-        optimizer.zero_grad()
+        if not use_deepspeed:  # DeepSpeed stepped inside the last backward
+            # DDP and FSDP2 average gradients over ranks; turn that into the global per-token mean
+            scale = accelerator.num_processes / denom.item()
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            optimizer.step()
+            optimizer.zero_grad()
         losses.append((loss_total / denom).item())
         total_tokens += int(denom)
         bar.update(1)

@@ -288,8 +288,10 @@ def test_accelerator_under_torchrun() -> None:
 def test_import_is_light() -> None:
     code = (
         "import sys, accel_utils\n"
-        "heavy = [m for m in ('transformers', 'datasets', 'accelerate', 'torch.distributed.fsdp')"
-        " if m in sys.modules]\n"
+        # the modules that recognise DeepSpeed engines and runs, too: by name, never by import
+        "from accel_utils import dp_eval_sample_shard, get_sync_ctx\n"
+        "heavy = [m for m in ('transformers', 'datasets', 'accelerate', 'torch.distributed.fsdp',"
+        " 'deepspeed') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

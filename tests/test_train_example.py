@@ -1,4 +1,5 @@
-"""The main job, examples/train_tiny_lm.py, in both launch modes: exits 0 and its loss falls."""
+"""The main job, examples/train_tiny_lm.py, in both launch modes (DDP, FSDP2, DeepSpeed ZeRO):
+exits 0 and its loss falls."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 
+from tests.deepspeed_support import deepspeed_env, require_deepspeed
 from tests.harness import free_port, launch_env, run_commands, run_torchrun
 
 pytestmark = pytest.mark.stack  # .ci/run runs this module again with the floor releases
@@ -46,4 +48,31 @@ def test_accelerate_launch_fsdp2_loss_falls(tmp_path) -> None:
         "examples/train_tiny_lm.py", "--fsdp2", *SHORT, "--cache-dir", str(tmp_path),
     ]
     fields = _summary(run_commands([cmd], timeout=120, env=env), tmp_path)
+    assert fields["final_loss"] < 0.85 * fields["first_loss"], fields
+
+
+def _deepspeed(tmp_path) -> dict[str, str]:
+    require_deepspeed()
+    return deepspeed_env(tmp_path)
+
+
+@pytest.mark.timeout(150)
+def test_torchrun_deepspeed_zero3_loss_falls(tmp_path) -> None:
+    runs = run_torchrun(
+        ["examples/train_tiny_lm.py", "--deepspeed", "3", *SHORT, "--cache-dir", str(tmp_path)],
+        nproc_per_node=2, timeout=120, env=_deepspeed(tmp_path),
+    )
+    fields = _summary(runs, tmp_path)
+    assert fields["final_loss"] < 0.85 * fields["first_loss"], fields
+
+
+@pytest.mark.timeout(150)
+def test_accelerate_launch_deepspeed_config_file_loss_falls(tmp_path) -> None:
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", "examples/accelerate_deepspeed.yaml", "--main_process_port",
+        str(free_port()),
+        "examples/train_tiny_lm.py", *SHORT, "--cache-dir", str(tmp_path),
+    ]
+    fields = _summary(run_commands([cmd], timeout=120, env=_deepspeed(tmp_path)), tmp_path)
     assert fields["final_loss"] < 0.85 * fields["first_loss"], fields

@@ -266,12 +266,17 @@ def _from_accelerate(state: Any) -> Topology:
     world = dist.get_world_size()
     claimed = getattr(state, "num_processes", world)
     if claimed != world:
+        # cpu=True turns DeepSpeed off; a DeepSpeed run without GPUs needs its backend named
+        fix = ('pass kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] to the DeepSpeed '
+               "Accelerator" if str(getattr(state, "distributed_type", "")).endswith("DEEPSPEED")
+               else "create the Accelerator / PartialState with cpu=True (or launch with "
+               "`accelerate launch --cpu` semantics)")
         logger.warning(
             "Accelerate's state reports %d process(es) but torch.distributed has %d; trusting "
-            "torch.distributed. On a CPU machine create the Accelerator / PartialState with "
-            "cpu=True (or launch with `accelerate launch --cpu` semantics) so that they agree.",
+            "torch.distributed. On a CPU machine %s so that they agree.",
             claimed,
             world,
+            fix,
         )
         return _from_group(_world_group())
     device = getattr(state, "device", None)
