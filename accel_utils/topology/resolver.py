@@ -146,6 +146,12 @@ def resolve(handle: Any = None) -> Topology:
             ``accelerate.PartialState``, a ``transformers.TrainingArguments`` (its Accelerate
             state), a ``torch.distributed.ProcessGroup`` or a ``DeviceMesh``.
 
+    Resolving makes no collective, with one exception: a mesh (or an Accelerate state with
+    one) whose loss group spans several dimensions (dp x cp) gets that group made once, with
+    ``dist.new_group(use_local_synchronization=True)``: collective over the ranks of that group,
+    which must all resolve it (every accel-utils function that reduces over it does), waiting
+    at most the default group's timeout and then raising torch's error.
+
     Returns:
         The layout for ``handle``; rank 0 of 1 when no process group is initialised.
 
