@@ -367,5 +367,6 @@ def test_hsdp_generation_with_sampling_neither_hangs_nor_misaligns() -> None:
     assert [len(o["calls"]) for o in out] == [2, 2, 2, 2]
     assert [c[0] for c in out[0]["calls"]] == [[0, 1], [2]]
     assert [c[0] for c in out[2]["calls"]] == [[3, 4], [3]]
-    # synced: every rank made the same number of steps in each call, whatever it sampled
-    assert len({tuple(o["steps"]) for o in out}) == 1
+    # the premise: the ranks of each replica sampled sequences of different lengths (unsynced,
+    # their FSDP collectives paired across calls); synced, they still finished together
+    assert out[0]["steps"] != out[1]["steps"] and out[2]["steps"] != out[3]["steps"]
