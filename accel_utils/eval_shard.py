@@ -65,10 +65,16 @@ def dp_eval_sample_shard(
     MegatronFSDP, pure TP) issues collectives inside ``generate()`` that must stay in lockstep
     across the group: None, every rank scores the same samples. HSDP and TP+DP with
     ``dp_replicate > 1``: ``(replicate_rank, replicate_size)``, so every full replica scores a
-    disjoint subset while the ranks inside one replica get identical samples. Replicas then make
-    different numbers of ``generate()`` calls: pass ``synced_gpus=False`` (its per-token
-    all-reduce spans the whole world), which is safe because the ranks of a replica produce
-    identical outputs. One process (size 1) gives None.
+    disjoint subset while the ranks inside one replica get identical samples. The ranks of a
+    replica still run collectives inside ``generate()`` together, so they must make the same
+    number of decoding steps. ``synced_gpus=False`` (whose per-token all-reduce would span the
+    whole world) is safe only for deterministic decoding (greedy, beam search), where they
+    produce identical outputs; with sampling (``do_sample=True``) each rank draws its own
+    tokens, stops after its own number of steps, and the replica's collectives hang. Then pass
+    ``synced_gpus=True`` and have every rank call ``generate()`` equally often (the shorter
+    shards repeat a batch whose results are dropped), as :class:`ShardedGenerationEvalMixin
+    <accel_utils.integrations.trainer.ShardedGenerationEvalMixin>` does. One process (size 1)
+    gives None.
 
     What ``dp_rank`` / ``dp_size`` mean with each form of ``distributed_config``:
 

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from accel_utils._group_arg import group_or_alias
 from accel_utils._models import is_deepspeed_engine, is_fsdp2, is_hsdp, unwrap_compiled
 from accel_utils.topology import resolve
-from accel_utils.topology.accelerate import is_deepspeed_run, sync_gradients
+from accel_utils.topology.accelerate import check_accelerator, is_deepspeed_run, sync_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ def get_sync_ctx(
     Raises:
         TypeError: ``model`` (or a part) is neither an ``nn.Module`` nor an object with a
             callable ``no_sync``, ``is_optim_step`` is neither a bool nor None (or None without
-            an Accelerator to ask), or both ``group`` and ``accelerator`` were passed.
+            an Accelerator to ask), both ``group`` and ``accelerator`` were passed, or
+            ``accelerator`` is neither None nor an ``accelerate.Accelerator`` (nor an object with
+            its ``sync_gradients`` attribute).
         ValueError: an unknown ``defer_fsdp_grad_sync``, or an empty list of parts.
         RuntimeError: a static-graph DDP model whose graph state cannot be read on this torch.
 
@@ -107,6 +109,7 @@ def get_sync_ctx(
         raise ValueError(
             f"defer_fsdp_grad_sync must be True, False or 'replicas'; got {defer_fsdp_grad_sync!r}"
         )
+    check_accelerator(accelerator)
     run = group_or_alias(group, accelerator, alias_name="accelerator", function="get_sync_ctx")
     if is_optim_step is None:
         if not hasattr(run, "sync_gradients"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -35,14 +36,15 @@ def reduce_loss(
 
     The loss sum and the denominator travel packed in one float64 tensor, so a call costs one
     all-reduce, not one per value (on a small tensor an all-reduce costs its latency, whatever
-    it carries), and the denominator stays exact up to 2**53 tokens. NaN or inf losses are
-    reduced as they are: they are information about the run, not bad input.
+    it carries), and the denominator is exact below 2**53 tokens (counts past that are refused,
+    per rank and summed). NaN or inf losses are reduced as they are: they are information about
+    the run, not bad input.
 
     Args:
         loss_store: this rank's per-micro-batch losses (scalars or shape ``(1,)``), usually loss
             sums over tokens.
-        total_num_tokens: this rank's token count (an int or a one-element integer tensor); only
-            read when ``per_token_loss``.
+        total_num_tokens: this rank's token count (an int, a numpy integer, or a one-element
+            integer tensor or array), below 2**53; only read when ``per_token_loss``.
         per_token_loss: denominator is the token count when True, else the number of
             micro-batches.
         dp_group: the same as ``group`` (the name NeMo Automodel's ``reduce_loss`` uses, kept so
@@ -62,39 +64,65 @@ def reduce_loss(
 
     Raises:
         ValueError: ``loss_store`` is empty, holds a non-scalar loss or a loss on the meta
-            device, or the token count is negative, not a whole number (5.7, nan, inf; a float
-            with a whole value such as 6.0 is accepted), on the meta device, or not a single
-            value. Every check runs before the collective, so a refused call reduces nothing.
-        TypeError: ``loss_store`` is not a sequence of tensors, or both ``group`` and
-            ``dp_group`` were passed.
+            device, or the token count is negative, not a whole number (5.7, nan or inf; a
+            float with a whole value such as 6.0 is accepted), 2**53 or more (float64, which
+            carries it, is exact only below that), on the meta device, or not a single value.
+            Also on every other rank of the loss group, naming the rank, when one rank's input
+            is refused; and on every rank when the counts sum to 2**53 or more.
+        TypeError: ``loss_store`` is not a sequence of tensors, or holds a complex loss, or
+            both ``group`` and ``dp_group`` were passed.
+
+    A refused call still makes its one collective, carrying a refusal flag instead of values:
+    every rank of the loss group learns of it and raises, the rank with the bad input its own
+    error, so that no rank's next call pairs with another rank's refused one.
 
     Example:
         >>> loss, tokens = reduce_loss(loss_sums, num_tokens, group=accelerator)
         >>> per_token = (loss / tokens).item()
     """
     over = group_or_alias(group, dp_group, alias_name="dp_group", function="reduce_loss")
-    _check_losses(loss_store)
-    count = total_num_tokens if per_token_loss else len(loss_store)
-    if loss_store[0].is_cpu:  # a meta loss later in the list is refused there, before reducing
+    count = total_num_tokens if per_token_loss else _micro_batches(loss_store)
+    if _on_host(loss_store, over):
         return _reduce_on_host(loss_store, count, over)
     return _reduce_on_device(loss_store, count, over)
 
 
+# float64 holds every whole number below 2**53 exactly: the count's range, per rank and summed.
+_EXACT = 2**53
+
+
+def _micro_batches(loss_store: Any) -> int:
+    return len(loss_store) if isinstance(loss_store, (list, tuple)) else 0  # refused later
+
+
+def _on_host(loss_store: Any, dp_group: Any) -> bool:
+    first = loss_store[0] if isinstance(loss_store, (list, tuple)) and loss_store else None
+    if isinstance(first, torch.Tensor) and not first.is_meta:
+        return first.is_cpu
+    # refused input: its refusal travels on the group's own device (a CUDA tensor on NCCL)
+    return resolve(dp_group).device.type == "cpu"
+
+
+def _mark() -> float:
+    """This rank's mark in a refusal: its global rank + 1 (summed: the rank, if only one)."""
+    return float(dist.get_rank() + 1 if dist.is_initialized() else 1)
+
+
 def _reduce_on_host(
-    loss_store: Sequence[torch.Tensor], count: torch.Tensor | int, dp_group: Any = None
+    loss_store: Sequence[torch.Tensor], count: Any, dp_group: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # On the host, reading values is free: pack Python floats (double precision) instead of a
     # dozen small tensor ops, which measured 1.9x a bare 2-element all-reduce here.
-    number = _count(count)
+    own: Exception | None = None
     try:
-        loss_sum = sum([loss.item() for loss in loss_store])
-    except (RuntimeError, AttributeError, NotImplementedError) as exc:  # several elements,
-        _check_not_meta(loss_store)  # a meta tensor (no data), or not a tensor
-        raise _bad_losses(loss_store) from exc
+        loss_sum, number = _host_loss_sum(loss_store), _host_count(count)
+    except (TypeError, ValueError) as exc:  # refused: the collective still runs, flagged
+        own, loss_sum, number = exc, 0.0, 0.0
     packed, view = _host_buffer()
-    view[0], view[1] = loss_sum, number
+    view[:] = (loss_sum, number, float(own is not None), _mark() if own is not None else 0.0)
     _all_reduce(packed, dp_group)
-    reduced_loss, total = view.tolist()
+    reduced_loss, total, refusals, marks = view.tolist()
+    _verdict(own, total, refusals, marks)
     return (
         torch.full((1,), reduced_loss, dtype=torch.float32),
         torch.full((1,), int(total), dtype=torch.int64),
@@ -103,40 +131,103 @@ def _reduce_on_host(
 
 def _host_buffer() -> tuple[torch.Tensor, Any]:
     buffer = getattr(_host, "buffer", None)
-    if buffer is None:
-        packed = torch.zeros(2, dtype=torch.float64)
+    if buffer is None:  # (loss, count, refusals, refusing ranks' marks)
+        packed = torch.zeros(4, dtype=torch.float64)
         buffer = _host.buffer = (packed, packed.numpy())
     return buffer
 
 
-def _reduce_on_device(
-    loss_store: Sequence[torch.Tensor], count: torch.Tensor | int, dp_group: Any = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # On an accelerator every value stays on the device: no host synchronisation.
+def _host_loss_sum(loss_store: Sequence[torch.Tensor]) -> float:
     _check_losses(loss_store)
-    _check_not_meta(loss_store)
-    number = _count(count)
+    try:
+        loss_sum = sum([loss.item() for loss in loss_store])
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:  # several elements,
+        _check_not_meta(loss_store)  # a meta tensor (no data), or not a tensor
+        raise _bad_losses(loss_store) from exc
+    if isinstance(loss_sum, complex):  # one check for the whole list: a complex term makes it so
+        raise _complex_loss(loss_store)
+    return float(loss_sum)
+
+
+def _reduce_on_device(
+    loss_store: Sequence[torch.Tensor], count: Any, dp_group: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # On an accelerator every value stays on the device until the one read of the verdict
+    # (refusals, total) after the collective: a device count is validated there too.
+    own: Exception | None = None
+    valid: torch.Tensor | None = None
     with torch.no_grad():
         try:
-            losses = torch.stack(list(loss_store))
-        except (RuntimeError, TypeError) as exc:  # shapes differ, or not a tensor
-            raise _bad_losses(loss_store) from exc
-        if losses.numel() != len(loss_store):
-            raise _bad_losses(loss_store)
-        loss_sum = losses.sum(dtype=torch.float64)
-        if isinstance(number, torch.Tensor):
-            denominator = number.to(loss_sum.device, torch.float64).reshape(())
+            loss_sum = _device_loss_sum(loss_store)
+            denominator, valid = _device_count(count, loss_sum)
+        except (TypeError, ValueError) as exc:  # refused: the collective still runs, flagged
+            own = exc
+            loss_sum = denominator = torch.zeros(
+                (), dtype=torch.float64, device=resolve(dp_group).device
+            )
+        if valid is None:
+            refused = loss_sum.new_tensor(float(own is not None))
         else:
-            denominator = loss_sum.new_tensor(float(number))
-        packed = torch.stack((loss_sum, denominator))
+            refused = (~valid).to(torch.float64)
+        ok = refused == 0
+        packed = torch.stack((torch.where(ok, loss_sum, 0.0), torch.where(ok, denominator, 0.0),
+                              refused, refused * _mark()))
         _all_reduce(packed, dp_group)
-        return packed[:1].float(), packed[1:].long()
+        total, refusals, marks, mine = torch.cat((packed[1:], refused.reshape(1))).tolist()
+    if own is None and mine:
+        own = _bad_count(count)
+    _verdict(own, total, refusals, marks)
+    return packed[:1].float(), packed[1:2].long()
+
+
+def _device_loss_sum(loss_store: Sequence[torch.Tensor]) -> torch.Tensor:
+    _check_losses(loss_store)
+    _check_not_meta(loss_store)
+    try:
+        losses = torch.stack(list(loss_store))
+    except (RuntimeError, TypeError) as exc:  # shapes differ, or not a tensor
+        raise _bad_losses(loss_store) from exc
+    if losses.numel() != len(loss_store):
+        raise _bad_losses(loss_store)
+    if losses.is_complex():
+        raise _complex_loss(loss_store)
+    return losses.sum(dtype=torch.float64)
+
+
+def _device_count(count: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(denominator, valid)`` as float64 on ``like``'s device; ``valid`` is a device flag for
+    a count that lives on an accelerator (no synchronisation here), else None (checked here)."""
+    if not isinstance(count, torch.Tensor) or count.is_cpu or count.is_meta:
+        return like.new_tensor(_host_count(count)), None
+    _check_count_tensor(count)
+    as_double = count.reshape(()).to(like.device, torch.float64)
+    valid = (as_double >= 0) & (as_double == as_double.floor()) & (as_double < _EXACT)
+    return as_double, valid  # nan and inf fail the floor and range tests
 
 
 def _all_reduce(packed: torch.Tensor, dp_group: Any) -> None:
     topo = resolve(dp_group)  # cached per group object: a dict look-up on the hot path
     if topo.loss_size > 1:
         dist.all_reduce(packed, op=_SUM, group=topo.loss_group)
+
+
+def _verdict(own: Exception | None, total: float, refusals: float, marks: float) -> None:
+    """Raise what every rank of the loss group raises alike, from the reduced flags."""
+    if own is not None:
+        raise own
+    if refusals:
+        # the marks name the rank when only one refused; several: their count
+        who = f"rank {int(marks) - 1}" if refusals == 1 else f"{int(refusals)} ranks"
+        raise ValueError(
+            f"reduce_loss refused the input of {who} of the loss group (its own error says "
+            "why), so nothing was reduced and every rank of the group raises"
+        )
+    if total >= _EXACT:
+        raise ValueError(
+            f"the token counts sum to about {total:.0f} over the loss group, 2**53 or more: "
+            "float64, which carries them, is exact only below 2**53, so the denominator would "
+            "be wrong; reduce fewer tokens per call (per step, not over the whole run)"
+        )
 
 
 def _check_losses(loss_store: Sequence[torch.Tensor]) -> None:
@@ -158,44 +249,48 @@ def _check_not_meta(loss_store: Sequence[Any]) -> None:
         )
 
 
-def _count(total_num_tokens: torch.Tensor | int) -> torch.Tensor | float:
-    """The validated count: a number where it is on the host, else the device tensor.
+def _check_count_tensor(value: torch.Tensor) -> None:
+    if value.numel() != 1:
+        raise ValueError(
+            "total_num_tokens must be one token count (an int or a one-element tensor); "
+            f"got a tensor of shape {tuple(value.shape)}"
+        )
+    if value.is_meta:
+        raise ValueError(
+            "total_num_tokens is on the meta device (it has no value): count the tokens of "
+            "a real batch"
+        )
+    if value.dtype == torch.bool or value.is_complex():
+        raise _bad_count(value)
 
-    A count must be a non-negative whole number: an int, an integer tensor, or a float (tensor)
-    whose value is whole (``mask.float().sum()``). A fractional count (5.7) is refused, as it
-    would be summed over the ranks and then truncated.
+
+def _host_count(total_num_tokens: Any) -> float:
+    """The validated count of a number, a CPU tensor or a numpy value, as a float.
+
+    A count must be a non-negative whole number below 2**53: an int, a numpy integer, an
+    integer tensor or array with one element, or a float (tensor) whose value is whole
+    (``mask.float().sum()``). A fractional count (5.7) is refused, as it would be summed over
+    the ranks and then truncated; one of 2**53 or more, as float64 would round it.
     """
     value: object = total_num_tokens  # callers may pass anything: checked here
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
+        _check_count_tensor(value)
+        value = value.item()
+    numpy = sys.modules.get("numpy")  # data code counts with numpy (mask.sum() is numpy.int64)
+    if numpy is not None and isinstance(value, (numpy.generic, numpy.ndarray)):
+        if value.size != 1:
             raise ValueError(
-                "total_num_tokens must be one token count (an int or a one-element tensor); "
-                f"got a tensor of shape {tuple(value.shape)}"
+                "total_num_tokens must be one token count (an int or a one-element array); "
+                f"got an array of shape {value.shape}"
             )
-        if value.is_meta:
-            raise ValueError(
-                "total_num_tokens is on the meta device (it has no value): count the tokens of "
-                "a real batch"
-            )
-        if value.is_cpu:
-            value = value.item()
-        elif value.is_floating_point():
-            as_double = value.reshape(()).double()
-            # one device sync, as a logged loss.item() costs
-            if not bool((as_double >= 0) & (as_double == as_double.floor()) & as_double.isfinite()):
-                raise _bad_count(value)
-            return value
-        elif bool(value < 0):  # one device sync, as a logged loss.item() costs
-            raise _bad_count(value)
-        else:
-            return value
+        value = value.item()  # a Python int, float, bool or complex: checked below
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad_count(value)
+        raise _bad_count(total_num_tokens)
     if isinstance(value, float) and not value.is_integer():  # nan and inf too
-        raise _bad_count(value)
-    if value < 0:
-        raise _bad_count(value)
-    return value
+        raise _bad_count(total_num_tokens)
+    if not 0 <= value < _EXACT:
+        raise _bad_count(total_num_tokens)
+    return float(value)
 
 
 def _bad_losses(loss_store: Sequence[Any]) -> Exception:
@@ -210,8 +305,17 @@ def _bad_losses(loss_store: Sequence[Any]) -> Exception:
     return TypeError(f"loss_store must hold torch.Tensor losses; got {shapes}")
 
 
+def _complex_loss(loss_store: Sequence[torch.Tensor]) -> TypeError:
+    index = next(i for i, x in enumerate(loss_store) if x.is_complex())
+    return TypeError(
+        f"loss_store[{index}] is complex ({loss_store[index].dtype}): reduce_loss sums real "
+        "losses; pass the real part or the magnitude (loss.real, loss.abs())"
+    )
+
+
 def _bad_count(value: Any) -> ValueError:
     return ValueError(
-        "total_num_tokens must be a non-negative integer token count (a whole number, not a "
-        f"fraction such as 5.7, nan or inf); got {value!r}"
+        "total_num_tokens must be a non-negative integer token count below 2**53 (a whole "
+        "number, not a fraction such as 5.7, nan or inf; float64 carries it, exact only below "
+        f"2**53); got {value!r}"
     )

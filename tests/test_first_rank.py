@@ -297,3 +297,12 @@ def test_a_directory_the_leaders_cannot_write_fails_on_every_rank(tmp_path) -> N
     blocker.write_text("not a directory")
     out = run_distributed(_probe_unwritable, 4, str(blocker / "cache"), nodes=2)
     assert all("2 node leader(s) could not write a marker" in o for o in out), out
+
+
+def test_timeouts_that_are_not_a_finite_number_of_seconds_are_refused() -> None:
+    for value in (float("nan"), float("inf"), -float("inf")):
+        # nan was "cannot convert float NaN to integer", -inf an OverflowError
+        with pytest.raises(ValueError, match="finite"):
+            FirstRankPerNode(timeout=value)
+    with pytest.raises(ValueError, match="finite"):
+        FirstRankPerNode(liveness=float("nan"))

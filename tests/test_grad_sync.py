@@ -456,3 +456,11 @@ def test_single_process_is_a_null_context() -> None:
 def test_bad_input_says_what_was_expected(args, kwargs, exc, words) -> None:
     with pytest.raises(exc, match=words):
         get_sync_ctx(*args, **kwargs)
+
+
+@pytest.mark.parametrize("optim_step", [None, True, False])
+def test_get_sync_ctx_names_what_accelerator_accepts(optim_step) -> None:
+    # was AttributeError: 'object' object has no attribute 'sync_gradients' (or, with a bool
+    # is_optim_step, no error at all)
+    with pytest.raises(TypeError, match=r"accelerate\.Accelerator"):
+        get_sync_ctx(torch.nn.Linear(1, 1), optim_step, accelerator=object())

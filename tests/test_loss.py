@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -163,7 +164,7 @@ def test_reduces_over_data_parallel_ranks_not_tensor_parallel() -> None:
         assert o["denom"] == tokens and o["loss"] == pytest.approx(loss, rel=1e-6)
 
 
-def _bad_counts_before_any_collective() -> dict:
+def _bad_counts_in_the_collective() -> dict:
     losses = [torch.tensor(2.0), torch.tensor(3.0)]
     calls, restore = _count()
     out = {}
@@ -186,11 +187,13 @@ def _bad_counts_before_any_collective() -> dict:
     return out
 
 
-def test_non_integer_counts_and_meta_losses_refused_before_the_collective() -> None:
-    for o in run_distributed(_bad_counts_before_any_collective, 4):
+def test_non_integer_counts_and_meta_losses_refused_in_the_one_collective() -> None:
+    for o in run_distributed(_bad_counts_in_the_collective, 4):
         # 4 ranks x 5.7 tokens used to reduce to 22 without a word
         assert o["float"] == o["float_tensor"] == o["meta"] == "ValueError", o
-        assert o["float_calls"] == o["float_tensor_calls"] == o["meta_calls"] == 0
+        # a refused call still makes its one collective (carrying the refusal), so that a
+        # rank refused alone stays in step with the others (see the retry test below)
+        assert o["float_calls"] == o["float_tensor_calls"] == o["meta_calls"] == 1
         assert o["whole"] == (20.0, 24, 1)
 
 
@@ -267,3 +270,125 @@ def test_group_and_the_seeds_dp_group_name_the_same_parameter() -> None:
         assert o["group_solo"] == o["dp_group_solo"] == (float(rank + 1), 3)  # really used
         for name in ("both", "both_positional"):
             assert "both group= and dp_group=" in o[name], o[name]
+
+
+# ------------------------------------------------------------ input users really pass (issue 25)
+@pytest.mark.parametrize("reduce", [reduce_loss, _reduce_on_device], ids=["host", "device"])
+@pytest.mark.parametrize("count", [np.int64(7), np.uint16(7), np.array(7), np.array([7]),
+                                   np.float32(7.0)], ids=repr)
+def test_numpy_counts_are_counts(reduce, count) -> None:
+    # data code counts tokens with numpy: mask.sum() is a numpy.int64
+    loss, denom = reduce([torch.tensor(1.5)], count)
+    assert (float(loss), int(denom)) == (1.5, 7)
+
+
+@pytest.mark.parametrize("reduce", [reduce_loss, _reduce_on_device], ids=["host", "device"])
+@pytest.mark.parametrize("count", [2**60 + 1, 2**53, torch.tensor(2**60 + 1), np.int64(2**62),
+                                   float(2**60), torch.tensor(float(2**53))], ids=repr)
+def test_counts_beyond_the_exact_range_are_refused(reduce, count) -> None:
+    # the count travels as a float64: 2**60 + 1 came back as 2**60
+    with pytest.raises(ValueError, match=r"2\*\*53"):
+        reduce([torch.tensor(1.0)], count)
+
+
+@pytest.mark.parametrize("reduce", [reduce_loss, _reduce_on_device], ids=["host", "device"])
+def test_the_largest_exact_count_is_exact(reduce) -> None:
+    for count in (2**53 - 1, torch.tensor(2**53 - 1), np.int64(2**53 - 1)):
+        assert int(reduce([torch.tensor(1.0)], count)[1]) == 2**53 - 1
+
+
+@pytest.mark.parametrize("reduce", [reduce_loss, _reduce_on_device], ids=["host", "device"])
+def test_complex_loss_says_so(reduce) -> None:
+    # was a bare "float() argument must be ... not 'complex'" (host), a dropped imaginary part
+    # with a ComplexWarning (device)
+    with pytest.raises(TypeError, match=r"loss_store\[1\] is complex"):
+        reduce([torch.tensor(1.0), torch.tensor(1 + 2j)], 3)
+
+
+def _sums_past_the_exact_range() -> dict:
+    # each count is exact on its rank; their sum is not (2**52 + 2**51 twice: 1.5 * 2**53)
+    out = {}
+    for key, reduce in (("host", reduce_loss), ("device", _reduce_on_device)):
+        calls, restore = _count()
+        try:
+            reduce([torch.tensor(1.0)], 2**52 + 2**51 + dist.get_rank())
+            out[key] = "no error"
+        except ValueError as exc:
+            out[key] = str(exc)
+        finally:
+            restore()
+        out[key + "_calls"] = len(calls)
+    out["after"] = (int(reduce_loss([torch.tensor(1.0)], 2**52 - 1)[1]), 2 * (2**52 - 1))
+    return out
+
+
+def test_a_sum_past_the_exact_range_raises_on_every_rank_in_one_collective() -> None:
+    for o in run_distributed(_sums_past_the_exact_range, 2):
+        for key in ("host", "device"):
+            assert "sum" in o[key] and "2**53" in o[key], o[key]
+            assert o[key + "_calls"] == 1
+        assert o["after"][0] == o["after"][1]
+
+
+def _retry_after_a_refusal(path: str, bad) -> dict:
+    # A user's loop that catches the ValueError and retries the call: rank 1's count is bad.
+    # Before, rank 1 raised alone and its retry paired with rank 0's first call: (2., 10) came
+    # back on rank 0 with no error anywhere.
+    reduce = {"host": reduce_loss, "device": _reduce_on_device}[path]
+    rank = dist.get_rank()
+    first = (bad if rank == 1 else 10, [torch.tensor(1.0 + rank)])
+    out: dict = {"first": None}
+    calls, restore = _count()
+    try:
+        try:
+            loss, denom = reduce(first[1], first[0])
+            out["first"] = ("ok", float(loss), int(denom))
+        except (TypeError, ValueError) as exc:
+            out["first"] = (type(exc).__name__, str(exc))
+        out["first_calls"] = len(calls)
+        if out["first"][0] != "ok":  # refused: retry with a good count
+            loss, denom = reduce([torch.tensor(3.0)], 5)
+            out["retry"] = (float(loss), int(denom))
+    finally:
+        restore()
+    return out
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+@pytest.mark.parametrize("bad", [-1, 5.7, "7", 2**60], ids=repr)
+def test_a_refused_call_raises_on_every_rank_and_keeps_them_in_step(path: str, bad) -> None:
+    out = run_distributed(_retry_after_a_refusal, 2, path, bad, timeout=30)
+    for o in out:
+        assert o["first"][0] in ("ValueError", "TypeError"), o  # every rank raises ...
+        assert o["first_calls"] == 1  # ... after the call's one collective
+        assert o["retry"] == (6.0, 10)  # the retries pair with each other
+    kind, text = out[0]["first"]
+    assert kind == "ValueError" and "rank 1" in text, text  # the good rank names the bad one
+    assert "total_num_tokens" in out[1]["first"][1]  # the bad rank raises its own error
+
+
+def _bad_losses_on_one_rank(case: str) -> dict:
+    rank = dist.get_rank()
+    bad = {"empty": [], "not_tensor": [torch.tensor(1.0), 2.0], "complex": [torch.tensor(1j)],
+           "meta": [torch.tensor(1.0, device="meta")], "vector": [torch.tensor([1.0, 2.0])]}
+    losses = bad[case] if rank == 2 else [torch.tensor(1.0)]
+    out: dict = {}
+    for attempt in ("first", "retry"):
+        try:
+            loss, denom = reduce_loss(losses, 4)
+            out[attempt] = ("ok", float(loss), int(denom))
+        except (TypeError, ValueError) as exc:
+            out[attempt] = (type(exc).__name__, str(exc))
+        losses = [torch.tensor(1.0)]
+    return out
+
+
+@pytest.mark.parametrize("case", ["empty", "not_tensor", "complex", "meta", "vector"])
+def test_bad_losses_on_one_rank_raise_on_every_rank(case: str) -> None:
+    out = run_distributed(_bad_losses_on_one_rank, 3, case, timeout=30)
+    for rank, o in enumerate(out):
+        assert o["first"][0] in ("ValueError", "TypeError"), (rank, o)
+        if rank != 2:
+            assert "rank 2" in o["first"][1], o
+        assert o["retry"] == ("ok", 3.0, 12)
+

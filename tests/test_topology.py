@@ -259,6 +259,37 @@ def test_partial_state_without_cpu_trusts_torch_distributed_and_warns_if_they_di
         assert warned == (o["claimed"] != 2), o
 
 
+def _disagreeing_state_with_mesh() -> dict:
+    # Accelerate's state built without cpu=True on a CPU launch claims 1 process of 4; its mesh
+    # (dp_shard x tp, set as Accelerator.__init__ sets it from a ParallelismConfig; Accelerate
+    # builds it only on GPUs) is made of real torch groups. The fallback to the whole world
+    # dropped it: reduce_loss summed over the tp ranks too, twice the tokens, no error.
+    from accelerate import Accelerator
+    from accelerate.parallelism_config import ParallelismConfig
+
+    from accel_utils import reduce_loss
+
+    acc = Accelerator()
+    acc.state.device_mesh = ParallelismConfig(dp_shard_size=2, tp_size=2).build_device_mesh("cpu")
+    dp_rank = dist.get_rank() // 2  # tp is the inner dimension: ranks 0, 1 hold dp shard 0
+    loss, tokens = reduce_loss([torch.tensor(1.0 + dp_rank)], 10 ** dp_rank, dp_group=acc)
+    topo = resolve(acc)
+    return {"claimed": acc.num_processes, "loss": (float(loss), int(tokens)),
+            "dp": (topo.dp_rank, topo.dp_size), "tp": topo.tp_size,
+            "loss_size": topo.loss_size, "same_mesh": topo.mesh is acc.state.device_mesh}
+
+
+def test_a_state_that_disagrees_with_torch_keeps_its_mesh() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the cpu=True mistake only shows on a machine without a GPU")
+    out = run_distributed(_disagreeing_state_with_mesh, 4)
+    for rank, o in enumerate(out):
+        assert o["claimed"] == 1  # Accelerate's own count is wrong ...
+        assert o["same_mesh"] and o["tp"] == 2  # ... its mesh is not: kept
+        assert o["dp"] == (rank // 2, 2) and o["loss_size"] == 2
+        assert o["loss"] == (3.0, 11)  # over the 2 dp ranks, not (6.0, 22) over dp x tp
+
+
 def _rows(runs) -> list[dict]:
     rows = []
     for run in runs:

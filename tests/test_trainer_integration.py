@@ -325,3 +325,63 @@ def test_training_arguments_are_accepted_wherever_a_group_is(tmp_path) -> None:
         assert o["loss"] == [3.0] and o["tokens"] == [6]
         assert o["gathered"] == [0, 2, 4, 6, 8]
     assert [o["seen"] for o in out] == [False, True]  # rank 1 ran its block after rank 0's
+
+
+# ------------------------------------------------------------ HSDP generation with sampling
+def _hsdp_sampling_eval(n: int) -> dict:
+    # 2 replicas x 2 shards (FSDP2 on a dp_replicate x dp_shard mesh), a tiny Llama that samples
+    # (do_sample=True) and stops early often (half the vocabulary ends a sequence). Each rank's
+    # generator differs, as after training: the ranks of one replica draw different tokens and
+    # stop after different numbers of steps. With synced_gpus=False (what the mixin passed under
+    # HSDP) the FSDP all-gathers inside generate() then pair across calls and the eval hangs.
+    from accelerate import Accelerator, DistributedType
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=list(range(2, 18)))
+    model = LlamaForCausalLM(config).eval()
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+    acc = Accelerator(cpu=True)  # CPU stand-in for an FSDP2 HSDP run: what Accelerate sets on GPUs
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    acc.state.device_mesh = mesh
+
+    class Sampling(_Evaluator):
+        def generation_step(self, model, samples, **generate_kwargs):
+            self.calls.append((list(samples), generate_kwargs["synced_gpus"], model.training))
+            ids = torch.tensor([[3 + (s + k) % 20 for k in range(4)] for s in samples])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                 do_sample=True, pad_token_id=0, **generate_kwargs)
+            self.steps.append(out.shape[1] - ids.shape[1])
+            return [float(s) for s in samples]
+
+    ev = Sampling(acc)
+    ev.model, ev.steps = model, []
+    ev.generation_samples = list(range(n))
+    torch.manual_seed(100 + dist.get_rank())  # each rank's own generator
+    metrics = ev.evaluate()
+    return {"metrics": metrics, "calls": ev.calls, "steps": ev.steps}
+
+
+def test_hsdp_generation_with_sampling_neither_hangs_nor_misaligns() -> None:
+    out = run_distributed(_hsdp_sampling_eval, 4, 5, timeout=90)
+    for o in out:
+        # every sample scored once (replica 0: 0..2, replica 1: 3..4), gathered on every rank
+        assert o["metrics"]["eval_generation_score"] == 2.0
+        assert all(synced for _, synced, _ in o["calls"])  # lockstep inside generate()
+    # every rank calls generate() equally often: replica 1 (2 samples, one batch) repeats one
+    assert [len(o["calls"]) for o in out] == [2, 2, 2, 2]
+    assert [c[0] for c in out[0]["calls"]] == [[0, 1], [2]]
+    assert [c[0] for c in out[2]["calls"]] == [[3, 4], [3]]
+    # the premise: the ranks of each replica sampled sequences of different lengths (unsynced,
+    # their FSDP collectives paired across calls); synced, they still finished together
+    assert out[0]["steps"] != out[1]["steps"] and out[2]["steps"] != out[3]["steps"]

@@ -9,6 +9,7 @@ follow from the beat, so changing one base value keeps the others consistent.
 from __future__ import annotations
 
 import logging
+import math
 from datetime import timedelta
 from numbers import Real
 from typing import Any
@@ -67,6 +68,8 @@ def as_timeout(value: Any, name: str = "timeout") -> timedelta:
     """A positive ``timedelta`` (at most 30 days) from a ``timedelta`` or seconds."""
     if isinstance(value, bool) or not isinstance(value, (timedelta, Real)):
         raise TypeError(f"{name} must be a datetime.timedelta or seconds; got {value!r}")
+    if not isinstance(value, timedelta) and not math.isfinite(value):  # nan: timedelta() fails
+        raise ValueError(f"{name} must be a finite number of seconds; got {value!r}")
     if isinstance(value, timedelta):
         limit = value
     else:

@@ -74,6 +74,14 @@ class ShardedGenerationEvalMixin:
     Under DDP (and ZeRO-1/2) every rank generates for a disjoint shard of the samples; under
     FSDP, ZeRO-3 or TP every rank generates for all of them in lockstep; under HSDP each replica
     takes a shard. The metric is the same as one process scoring every sample.
+
+    Under HSDP (and tp inside replicas) the ranks of one replica run collectives inside
+    ``generate()`` together, so ``synced_gpus`` is True there too, as under FSDP: with sampling
+    (``do_sample=True``) each rank draws its own tokens and, unsynced, would stop after its own
+    number of steps and hang the replica's collectives. The per-token sync spans every rank, so
+    every rank also calls :meth:`generation_step` equally often: a replica with fewer batches
+    runs extra one-sample batches (a repeat of one of its samples) whose results are dropped.
+    The results of a replica are those of its first rank; under sampling the others' may differ.
     """
 
     generation_samples: Any = None
@@ -103,8 +111,9 @@ class ShardedGenerationEvalMixin:
     ) -> list[Any]:
         """Generate for ``samples`` and return one picklable result per sample (override).
 
-        Pass ``generate_kwargs`` on to ``model.generate``: it holds ``synced_gpus``, which must
-        be True where all ranks generate in lockstep and False where they hold different shards.
+        Pass ``generate_kwargs`` on to ``model.generate``: it holds ``synced_gpus``, True where
+        ranks generate in lockstep (FSDP, ZeRO-3, TP, and HSDP replicas: see the class
+        docstring) and False where every rank holds its own shard and a whole model (DDP).
 
         Args:
             model: the model to generate with, in eval mode.
@@ -150,9 +159,19 @@ class ShardedGenerationEvalMixin:
         shard = dp_eval_sample_shard(accelerator)
         mine = shard_samples(samples, shard)
         topo = resolve(accelerator)
+        # Ranks that share a shard (one HSDP replica, tp inside a replica) run collectives
+        # inside generate() together. They stay in step only if they make the same number of
+        # decoding steps, which sampling breaks (each rank draws its own tokens): so generate in
+        # lockstep (synced_gpus=True, as under FSDP), whose per-step sync spans the whole group,
+        # and then every rank must call generate() equally often (see _generate's calls).
+        calls = None  # how many generation_step calls every rank makes, where that must agree
+        if shard is not None and shard[1] < topo.world_size:  # ranks share shards
+            # the largest shard's batches (shards differ by one sample at most)
+            calls = _ceil_div(_ceil_div(len(samples), shard[1]), self._batch_size())
+        synced = (shard is None or calls is not None) and topo.world_size > 1
         error: BaseException | None = None
         try:
-            results = self._generate(mine, synced=shard is None and topo.world_size > 1)
+            results = self._generate(mine, synced, calls=calls, filler=samples)
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank together
             error, results = exc, []
         if shard is not None:  # ranks that scored their own shards fail together, not one by one
@@ -164,11 +183,20 @@ class ShardedGenerationEvalMixin:
         metrics = self.generation_metrics(everything)
         return {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
 
-    def _generate(self, samples: Any, synced: bool) -> list[Any]:
-        model = self.model  # type: ignore[attr-defined]  # DDP's inner module; FSDP2 is in place
+    def _batch_size(self) -> int:
         size = self.generation_batch_size
         if size is None:
             size = int(self.args.per_device_eval_batch_size)  # type: ignore[attr-defined]
+        return size
+
+    def _generate(
+        self, samples: Any, synced: bool, calls: int | None = None, filler: Any = None
+    ) -> list[Any]:
+        """Generate for ``samples`` in batches; with ``calls``, make that many generation_step
+        calls in all: the missing ones on a one-sample batch (this shard's first sample, else
+        ``filler``'s) whose results are dropped, so that every rank syncs equally often."""
+        model = self.model  # type: ignore[attr-defined]  # DDP's inner module; FSDP2 is in place
+        size = self._batch_size()
         was_training = model.training
         model.eval()
         results: list[Any] = []
@@ -182,6 +210,11 @@ class ShardedGenerationEvalMixin:
                             f"generation_step returned {len(out)} results for {len(batch)} samples"
                         )
                     results += out
+                made = _ceil_div(len(samples), size)
+                if calls is not None and calls > made:
+                    pad = [samples[0] if len(samples) else filler[0]]
+                    for _ in range(calls - made):
+                        self.generation_step(model, pad, synced_gpus=synced)
         finally:
             model.train(was_training)
         return results
@@ -240,6 +273,10 @@ class ShardedGenerationEvalMixin:
             for prefix, samples in plan.due(metric_key_prefix).items():
                 output.metrics.update(self.generation_evaluate(prefix, samples))
         return output
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _raise_together(error: BaseException | None, whole: tuple[int, int], group: Any) -> None:

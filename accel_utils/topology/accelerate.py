@@ -36,6 +36,24 @@ def is_deepspeed_run(accelerator: Any) -> bool:
     return accelerator is not None and getattr(accelerator, "distributed_type", None) == "DEEPSPEED"
 
 
+def check_accelerator(accelerator: Any) -> None:
+    """Refuse an ``accelerator=`` argument that is neither None nor Accelerator-like.
+
+    Accepted: an ``accelerate.Accelerator``, or a stand-in with its ``sync_gradients`` flag (and,
+    for a DeepSpeed run, ``distributed_type``). Checked up front, so that a wrong object says
+    what was expected instead of failing on a missing attribute later, or not at all.
+
+    Raises:
+        TypeError: anything else (a PartialState has no ``sync_gradients``: pass the Accelerator).
+    """
+    if accelerator is None or hasattr(accelerator, "sync_gradients"):
+        return
+    raise TypeError(
+        "accelerator must be an accelerate.Accelerator (or an object with its sync_gradients "
+        f"attribute) or None; got {type(accelerator).__name__}"
+    )
+
+
 def sync_gradients(accelerator: Any) -> bool:
     """Whether the Accelerator's current micro-batch is the one the optimizer steps after."""
     return bool(accelerator.sync_gradients)

@@ -269,8 +269,12 @@ def _size_of(group: dist.ProcessGroup | None) -> int:
 
 
 def _from_accelerate(state: Any) -> Topology:
+    """The layout of an Accelerate state; where its process count disagrees with torch's, the
+    parts that are torch's own: its device mesh (real torch groups) if it has one, else the
+    default group, never a layout that sums losses over tp ranks because a count was wrong."""
     world = dist.get_world_size()
     claimed = getattr(state, "num_processes", world)
+    mesh = getattr(state, "device_mesh", None)
     if claimed != world:
         # cpu=True turns DeepSpeed off; a DeepSpeed run without GPUs needs its backend named
         fix = ('pass kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] to the DeepSpeed '
@@ -279,16 +283,17 @@ def _from_accelerate(state: Any) -> Topology:
                "`accelerate launch --cpu` semantics)")
         logger.warning(
             "Accelerate's state reports %d process(es) but torch.distributed has %d; trusting "
-            "torch.distributed. On a CPU machine %s so that they agree.",
+            "torch.distributed%s. On a CPU machine %s so that they agree.",
             claimed,
             world,
+            "" if mesh is None else " and the state's device mesh (its groups are torch's)",
             fix,
         )
-        return _from_group(_world_group())
+        # the state's device belongs to the wrong count too: the mesh's (or the group's) device
+        return _from_group(_world_group()) if mesh is None else _from_mesh(mesh)
     device = getattr(state, "device", None)
     if device is not None and device.type == "cpu":
         device = torch.device("cpu")  # Accelerate says "cpu:0"; CPU tensors have no index
-    mesh = getattr(state, "device_mesh", None)
     if mesh is not None:
         return _from_mesh(mesh, device)
     return _from_group(_world_group(), device)
