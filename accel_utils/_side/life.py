@@ -89,7 +89,10 @@ class _Beat:
             if current is not world:
                 world, store, count = current, None, 0
                 if world is not None:
-                    store, rank = _own_store(world)
+                    try:
+                        store, rank = _own_store(world)
+                    except Exception:  # noqa: BLE001 - destroyed meanwhile: look again next time
+                        world = None
             if store is None:
                 continue
             count += 1
