@@ -113,35 +113,6 @@ def test_the_eval_gather_is_bounded_and_names_the_rank_that_did_not_come() -> No
     assert out[0]["after"] < 10, out[0]
 
 
-def _failed_guards(count: int) -> dict:
-    from accel_utils import _side
-
-    def descriptors() -> int:
-        return len(os.listdir("/proc/self/fd"))
-
-    seen = {}
-    for i in range(count):
-        try:
-            with FirstRankPerNode(local=False, timeout=30):
-                if dist.get_rank() == 0:
-                    raise ValueError(f"bad shard {i}")
-        except (ValueError, FirstRankFailedError):
-            pass  # every failure parks this rank's side group; the next guard builds a new one
-        if i in (10, count - 1):
-            time.sleep(5.0)  # two sweeps of the keeper
-            seen[i] = (descriptors(), _side.held_count())
-    return {"seen": seen, "parked": _side.parked_count()}
-
-
-def test_descriptors_of_failed_operations_come_back() -> None:
-    # parked groups were never freed: each failed guard kept its sockets until exit
-    out = run_distributed(_failed_guards, 2, 60, timeout=200)
-    for o in out:
-        (early_fds, _), (late_fds, late_held) = o["seen"][10], o["seen"][59]
-        assert o["parked"] >= 60, o
-        assert late_held <= 2 and late_fds - early_fds < 20, o
-
-
 def _guards_from_short_lived_threads(count: int) -> dict:
     seen = []
 

@@ -28,7 +28,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from accel_utils._side.gloo import held_count, parked_count, set_timeout
+    from accel_utils._side.gloo import parked_count, set_timeout
     from accel_utils._side.lane import Lane, lane_count, lane_for, release_all, side_group
     from accel_utils._side.timing import DEFAULT_LIVENESS, as_liveness, as_timeout
     from accel_utils._side.wire import PAYLOAD_BITS, Failure, Kind, Order, Phase, Record, Reduced
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # name -> module; loaded on first use, so that importing the sign-of-life thread's module at
 # ``import accel_utils`` (standard library only) does not import torch
 _EXPORTS = {
-    **dict.fromkeys(("held_count", "parked_count", "set_timeout"), "accel_utils._side.gloo"),
+    **dict.fromkeys(("parked_count", "set_timeout"), "accel_utils._side.gloo"),
     **dict.fromkeys(("Lane", "lane_count", "lane_for", "release_all", "side_group"),
                     "accel_utils._side.lane"),
     **dict.fromkeys(("DEFAULT_LIVENESS", "as_liveness", "as_timeout"), "accel_utils._side.timing"),
@@ -56,7 +56,6 @@ __all__ = [  # literal, for type checkers; tests/test_topology.py keeps it in st
     "Reduced",
     "as_liveness",
     "as_timeout",
-    "held_count",
     "lane_count",
     "lane_for",
     "parked_count",

@@ -10,7 +10,6 @@ raising or exiting).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import queue
@@ -23,25 +22,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-_SWEEP_S = 2.0  # how often parked groups are looked at for freeing
 _FDS_PER_GROUP = 16  # a lazy side group holds ~6 (a store connection, a listener, 2 ring pairs)
 
 
 class _Keeper:
-    """Holds parked groups in a daemon thread's frame until nothing of theirs is pending.
+    """Holds parked groups from a daemon thread's frame, so no destructor ever runs on them.
 
-    A parked group's destructor would wait for its pending operation (a peer that never comes:
-    up to the operation's timeout), so it must not run on a thread that raises or exits. Here
-    it runs on the keeper's own thread, once the operation is over (gloo completes it with an
-    error at its timeout or when a peer's connection drops) and a connecting thread has ended:
-    descriptors and memory of failed operations come back instead of piling up.
+    Not even once their operation is over: a gloo group's destructor joins its threads with the
+    GIL held, and with a pair still connecting to a dead peer that froze the whole process (the
+    fault matrix, with a keeper that freed finished groups).
     """
 
     def __init__(self) -> None:
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.count = 0  # objects parked so far
-        self.held = 0  # parked and not yet freed
 
     def park(self, *objects: Any) -> None:
         if self._thread is None:
@@ -52,24 +47,9 @@ class _Keeper:
         self.count += 1
 
     def _hold(self) -> None:
-        kept: list[tuple[Any, ...]] = []
+        kept = []
         while True:
-            with contextlib.suppress(queue.Empty):  # none new: sweep anyway
-                kept.append(self._inbox.get(timeout=_SWEEP_S))
-            kept = [objects for objects in kept if not _settled(objects)]  # the rest are freed
-            self.held = len(kept) + self._inbox.qsize()
-
-
-def _settled(objects: tuple[Any, ...]) -> bool:
-    """Nothing in ``objects`` is still running: a connecting thread ended, an operation is over."""
-    for obj in objects:
-        if isinstance(obj, threading.Thread) and obj.is_alive():
-            return False
-        if callable(getattr(obj, "is_completed", None)) and not obj.is_completed():
-            return False
-        if isinstance(obj, dict) and not all(_settled((v,)) for v in obj.values()):
-            return False
-    return True
+            kept.append(self._inbox.get())
 
 
 _keeper = _Keeper()
@@ -83,11 +63,6 @@ def park(*objects: Any) -> None:
 def parked_count() -> int:
     """How many abandoned groups (or connection attempts) this process has parked."""
     return _keeper.count
-
-
-def held_count() -> int:
-    """How many parked groups (or connection attempts) are not freed yet."""
-    return _keeper.held
 
 
 def descriptors_short(rank: int, need: int = 0) -> str:
