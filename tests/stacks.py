@@ -29,6 +29,11 @@ def _accelerate_at_least(release: str, feature: str) -> pytest.MarkDecorator:
 
 needs_parallelism_config = _accelerate_at_least("1.10", "accelerate.ParallelismConfig")
 needs_fsdp2_plugin = _accelerate_at_least("1.6", "FullyShardedDataParallelPlugin(fsdp_version=2)")
+# Accelerate 1.1's accumulate() enters the DeepSpeed engine's no_sync, which ZeRO-2/3 refuse; the
+# DeepSpeed example and its tests are run with 1.16 (the only release they were tested on)
+needs_deepspeed_accumulate = _accelerate_at_least(
+    "1.16", "Accelerator.accumulate() on a ZeRO-2/3 engine (older releases call its no_sync)"
+)
 # transformers 4.57 and 5.x call Accelerator.unwrap_model(model, keep_torch_compile=False) in
 # Trainer.evaluate / save_model; Accelerate 1.3 added the argument (their floor says 1.1 / 0.26)
 needs_trainer_compatible_accelerate = _accelerate_at_least(

@@ -10,6 +10,7 @@ import pytest
 
 from tests.deepspeed_support import deepspeed_env, require_deepspeed
 from tests.harness import free_port, launch_env, run_commands, run_torchrun
+from tests.stacks import needs_deepspeed_accumulate
 
 pytestmark = pytest.mark.stack  # .ci/run runs this module again with the floor releases
 
@@ -56,6 +57,7 @@ def _deepspeed(tmp_path) -> dict[str, str]:
     return deepspeed_env(tmp_path)
 
 
+@needs_deepspeed_accumulate
 @pytest.mark.timeout(150)
 def test_torchrun_deepspeed_zero3_loss_falls(tmp_path) -> None:
     runs = run_torchrun(
@@ -66,6 +68,7 @@ def test_torchrun_deepspeed_zero3_loss_falls(tmp_path) -> None:
     assert fields["final_loss"] < 0.85 * fields["first_loss"], fields
 
 
+@needs_deepspeed_accumulate
 @pytest.mark.timeout(150)
 def test_accelerate_launch_deepspeed_config_file_loss_falls(tmp_path) -> None:
     cmd = [

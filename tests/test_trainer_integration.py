@@ -372,6 +372,7 @@ def _hsdp_sampling_eval(n: int) -> dict:
     return {"metrics": metrics, "calls": ev.calls, "steps": ev.steps}
 
 
+@needs_fsdp2_plugin
 def test_hsdp_generation_with_sampling_neither_hangs_nor_misaligns() -> None:
     out = run_distributed(_hsdp_sampling_eval, 4, 5, timeout=90)
     for o in out:
