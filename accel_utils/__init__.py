@@ -7,9 +7,10 @@ on first use, so ``import accel_utils`` stays as light as ``import torch``.
 
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from accel_utils._lazy import lazy_exports
 
 # The launcher's variables, read now: before any Accelerate object can write its own into
 # os.environ (see accel_utils/topology/launcher.py). Standard library only.
@@ -82,14 +83,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'accel_utils' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -24,8 +24,9 @@ which would keep a failing rank from raising or exiting. The package logs to
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from accel_utils._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from accel_utils._side.gloo import parked_count, set_timeout
@@ -65,10 +66,4 @@ __all__ = [  # literal, for type checkers; tests/test_topology.py keeps it in st
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'accel_utils._side' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

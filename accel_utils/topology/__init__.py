@@ -17,8 +17,9 @@ package: its names load on first use, so that it does not import torch.distribut
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from accel_utils._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from accel_utils.topology.nodes import NodeLayout
@@ -42,14 +43,4 @@ _EXPORTS = {
 __all__ = ["NodeLayout", "Topology", "launcher_env", "node_layout", "resolve", "single_process"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'accel_utils.topology' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
