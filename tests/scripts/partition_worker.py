@@ -40,31 +40,27 @@ def failed(rank: int, exc: BaseException) -> None:
     sys.exit(1)
 
 
-def guard(rank: int) -> None:
+def _guard(rank: int, work_s: float, **limits: object) -> None:
+    """Every rank enters one guard; node 1's first rank (2) works ``work_s`` in its block."""
     say(f"READY rank={rank}")
     try:
-        with FirstRankPerNode(local=True, liveness=3, timeout=timedelta(seconds=600)) as first:
+        with FirstRankPerNode(local=True, **limits) as first:  # type: ignore[arg-type]
             if rank == 2:
                 say(f"WORKING rank={rank}")
-                time.sleep(30)
+                time.sleep(work_s)
         say(f"PASSED rank={rank} first={first}")
     except Exception as exc:  # noqa: BLE001 - reported to the test
         failed(rank, exc)
     result(rank=rank, passed=True)
 
 
+def guard(rank: int) -> None:
+    _guard(rank, 30, liveness=3, timeout=timedelta(seconds=600))
+
+
 def guard30(rank: int) -> None:
     """Every rank waits in a guard with a 30 s timeout (node 1's first rank works 60 s)."""
-    say(f"READY rank={rank}")
-    try:
-        with FirstRankPerNode(local=True, timeout=timedelta(seconds=30)):
-            if rank == 2:
-                say(f"WORKING rank={rank}")
-                time.sleep(60)
-        say(f"PASSED rank={rank}")
-    except Exception as exc:  # noqa: BLE001 - reported to the test
-        failed(rank, exc)
-    result(rank=rank, passed=True)
+    _guard(rank, 60, timeout=timedelta(seconds=30))
 
 
 def barrier(rank: int) -> None:
