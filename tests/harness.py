@@ -272,6 +272,7 @@ def run_distributed(
     nodes: int = 1,
     env: dict[str, str | None] | None = None,
     expect_ok: bool = True,
+    fresh: bool = False,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks of a fresh gloo group.
@@ -284,10 +285,15 @@ def run_distributed(
             ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``), ranks numbered node by node as torchrun does.
         env: extra environment variables for this run; a value of None unsets the variable.
         expect_ok: raise :class:`RanksFailed` with every rank's output if any rank failed.
+        fresh: run in newly started processes, not pooled ones that earlier tests used (for a
+            test that counts process-wide resources: an earlier test's lanes, threads and
+            connections end whenever their threads exit or the garbage collector runs).
 
     Returns:
         Each rank's return value, or a :class:`RankFailure` for ranks that raised or died.
     """
+    if fresh and world_size in _pools:
+        _pools.pop(world_size).close()
     pool = _pool(world_size)
     outcomes = pool.run(fn, args, kwargs, timeout=timeout, nodes=nodes, env=env)
     failures = [o for o in outcomes if isinstance(o, RankFailure)]

@@ -7,17 +7,20 @@ benchmarks/scale.py, which runs real lanes and gloo groups (ranks as threads, 8 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import resource
 import subprocess
 import sys
+import time
 from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
 
 from accel_utils import FirstRankPerNode, SideChannelError, barrier_and_log, resolve
+from accel_utils._side.timing import POLL_S
 from tests.harness import REPO_ROOT, launch_env, run_distributed
 
 
@@ -44,6 +47,9 @@ def _low_descriptor_limit(short_ranks: list[int]) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     group = dist.new_group(backend="gloo")  # a fresh parent: its side group is created here
     _ = resolve(group).nodes  # its one gather (and any descriptors it opens) before the limit
+    # the gather's lane is closed: its thread ends within a poll, its connection with it
+    time.sleep(2 * POLL_S)
+    gc.collect()
     held: list[int] = []
     if dist.get_rank() in short_ranks:  # 4 descriptors free, however many close meanwhile
         resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 64, hard))
@@ -67,7 +73,9 @@ def _low_descriptor_limit(short_ranks: list[int]) -> dict:
 
 @pytest.mark.parametrize("short_ranks", [[2], [0, 1, 2, 3]], ids=["one_rank", "every_rank"])
 def test_too_low_descriptor_limit_is_a_clear_error_on_every_rank(short_ranks) -> None:
-    out = run_distributed(_low_descriptor_limit, 4, short_ranks, timeout=90)
+    # fresh processes: in pooled ones, what earlier tests left could close while the limit is
+    # low and give rank 2 the descriptors it should lack (CI saw every rank pass)
+    out = run_distributed(_low_descriptor_limit, 4, short_ranks, timeout=90, fresh=True)
     for rank, res in enumerate(out):
         assert res.get("error") == "SideChannelError", (rank, out)
         assert "RLIMIT_NOFILE" in res["message"] and "ulimit -n" in res["message"], res
