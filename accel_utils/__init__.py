@@ -31,11 +31,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
         FirstRankFailedError,
         RanksNotRespondingError,
         SideChannelError,
+        StallError,
     )
     from accel_utils.eval_samples import gather_sharded_results, shard_samples
     from accel_utils.eval_shard import dp_eval_sample_shard
     from accel_utils.first_rank import FirstRankPerNode
     from accel_utils.grad_sync import get_sync_ctx
+    from accel_utils.hang_watch import HangWatch
     from accel_utils.lifecycle import destroy_process_group
     from accel_utils.loss import reduce_loss
     from accel_utils.topology import Topology, resolve
@@ -48,8 +50,10 @@ _EXPORTS = {
     "BarrierTimeoutError": "accel_utils.errors",
     "FirstRankFailedError": "accel_utils.errors",
     "FirstRankPerNode": "accel_utils.first_rank",
+    "HangWatch": "accel_utils.hang_watch",
     "RanksNotRespondingError": "accel_utils.errors",
     "SideChannelError": "accel_utils.errors",
+    "StallError": "accel_utils.errors",
     "Topology": "accel_utils.topology",
     "barrier": "accel_utils.barriers",
     "barrier_and_log": "accel_utils.barriers",
@@ -66,8 +70,10 @@ __all__ = [
     "BarrierTimeoutError",
     "FirstRankFailedError",
     "FirstRankPerNode",
+    "HangWatch",
     "RanksNotRespondingError",
     "SideChannelError",
+    "StallError",
     "Topology",
     "__version__",
     "barrier",

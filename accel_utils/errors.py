@@ -130,3 +130,17 @@ class SideChannelError(_Picklable):
         self.calls = dict(calls or {})
         self.ranks = list(ranks or [])
         super().__init__(message)
+
+
+class StallError(_Picklable):
+    """A :class:`~accel_utils.HangWatch` with ``on_stall="raise"`` found training stalled.
+
+    Attributes:
+        ranks: the ranks the stall report names as the odd ones out (behind, elsewhere, not
+            responding or dead); empty when every rank stands at the same place.
+    """
+
+    def __init__(self, message: str, ranks: list[int] | None = None) -> None:
+        self._args = (message, ranks)
+        self.ranks = list(ranks or [])
+        super().__init__(message)

@@ -11,6 +11,10 @@ members read the marks of watched members that have not arrived (see
 froze or died, and a process gone from this host is known to be dead at once. One store request
 per process per ``LIFE_BEAT_S``: flat per node whatever the world size.
 
+The same write carries this process's training progress (:data:`PROGRESS`: node, step, phase),
+which :class:`accel_utils.HangWatch` sets with plain attribute writes: a watch adds no store
+request while training goes well, and a stall report can say where a silent rank last was.
+
 Standard library only at import: torch is looked up in ``sys.modules``, never imported here.
 """
 
@@ -32,21 +36,36 @@ _WATCH_S = POLL_S  # how often the thread looks for a new (or destroyed) default
 PREFIX = "accel_utils/life"
 
 
+class Progress:
+    """This process's training progress, as a :class:`~accel_utils.HangWatch` last set it."""
+
+    node = -1  # the launcher's node rank (-1: unknown)
+    step = -1  # steps begun (-1: no watch running)
+    phase = "-"  # a word without spaces
+
+
+PROGRESS = Progress()
+
+
 @dataclass(frozen=True)
 class Life:
-    """A process's latest sign of life: a counter, its pid and host name."""
+    """A process's latest sign of life: a counter, its pid and host name, and its progress."""
 
     count: int
     pid: int
     host: str
+    node: int = -1
+    step: int = -1
+    phase: str = "-"
 
     @classmethod
     def parse(cls, raw: bytes | str) -> Life:
-        count, pid, host = (raw.decode() if isinstance(raw, bytes) else raw).split(" ", 2)
-        return cls(int(count), int(pid), host)
+        count, pid, host, node, step, phase = (
+            raw.decode() if isinstance(raw, bytes) else raw).split(" ", 5)
+        return cls(int(count), int(pid), host, int(node), int(step), phase)
 
     def __str__(self) -> str:
-        return f"{self.count} {self.pid} {self.host}"
+        return f"{self.count} {self.pid} {self.host} {self.node} {self.step} {self.phase}"
 
     def gone_from_this_host(self) -> bool:
         """Its process no longer exists, as far as this host can tell (False elsewhere)."""
@@ -58,7 +77,11 @@ class Life:
             return True
         except PermissionError:  # exists, owned by another user
             return False
-        return False
+        try:  # a killed process that its parent has not reaped yet is dead all the same
+            with open(f"/proc/{self.pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[-1].split()[0] in ("Z", "X")
+        except (OSError, IndexError):
+            return False
 
 
 def life_key(global_rank: int) -> str:
@@ -69,9 +92,11 @@ class _Beat:
     """The thread: follows the default group, beats into its store."""
 
     def __init__(self) -> None:
-        self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._beaten = threading.Condition()
+        self.beats = 0  # beats written so far (into whichever group's store)
 
     def start(self) -> None:
         with self._lock:
@@ -84,7 +109,9 @@ class _Beat:
         world: Any = None
         store: Any = None
         count, rank, host, failing = 0, -1, socket.gethostname(), False
-        while not self._stop.wait(_WATCH_S if store is None else LIFE_BEAT_S):
+        while True:
+            self._wake.wait(_WATCH_S if store is None else LIFE_BEAT_S)
+            self._wake.clear()
             current = _default_group()
             if current is not world:
                 world, store, count = current, None, 0
@@ -97,15 +124,29 @@ class _Beat:
                 continue
             count += 1
             try:
-                store.set(life_key(rank), str(Life(count, os.getpid(), host)))
+                now = PROGRESS
+                store.set(life_key(rank), str(Life(count, os.getpid(), host, now.node,
+                                                   now.step, now.phase)))
                 if failing:
                     logger.info("sign of life reaches the job's store again")
                 failing = False
+                with self._beaten:
+                    self.beats += 1
+                    self._beaten.notify_all()
             except Exception as exc:  # noqa: BLE001 - the store's host may be gone: say so once
                 if not failing and _default_group() is world:  # not a group destroyed meanwhile
                     logger.warning("could not write this process's sign of life into the job's "
                                    "store (%s): the other ranks may name it not responding", exc)
                 failing = True
+
+
+    def beat_now(self, wait_s: float) -> bool:
+        """Beat now, not at the next period; whether a beat was written within ``wait_s``."""
+        self.start()
+        with self._beaten:
+            target = self.beats + 1
+            self._wake.set()
+            return self._beaten.wait_for(lambda: self.beats >= target, wait_s)
 
 
 def _default_group() -> Any:
@@ -134,6 +175,12 @@ _beat = _Beat()
 def start() -> None:
     """Start the thread (once per process; done at ``import accel_utils``)."""
     _beat.start()
+
+
+def beat_now(wait_s: float) -> bool:
+    """Write this process's sign of life (and progress) now; False if not within ``wait_s``
+    (no default group, or the store does not answer)."""
+    return _beat.beat_now(wait_s)
 
 
 def read(store: Any, global_ranks: list[int]) -> dict[int, Life]:
