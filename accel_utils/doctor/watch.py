@@ -1,9 +1,10 @@
-"""Which rank failed, and why: the doctor's progress and heartbeats in the job's own store.
+"""Which rank failed, and why: the doctor's progress in the job's own store.
 
 gloo's "Connection closed by peer" names an address, not a rank, and a rank that dies cannot
-say so. So every rank of ``python -m accel_utils.doctor`` records the step it is in, records its
-exception if it raises, and bumps a heartbeat counter a few times a second. When anything fails,
-rank 0 watches the counters for a moment: one that stops moving marks a dead or frozen process.
+say so. So every rank of ``python -m accel_utils.doctor`` records the step it is in and its
+exception if it raises. When anything fails, rank 0 reads the other ranks' signs of life (the
+library's one heartbeat, :mod:`accel_utils._side.life`) for a moment: a process gone from its
+host is dead, a sign that stands still marks a dead or frozen process.
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ from datetime import timedelta
 from torch.distributed import TCPStore  # type: ignore[attr-defined]
 from torch.distributed.distributed_c10d import PrefixStore, Store
 
+import torch.distributed as dist
+
 from accel_utils import topology
+from accel_utils._side import life
+from accel_utils._side.timing import LIFE_BEAT_S
 
-_BEAT_S = 0.2  # heartbeat period of every rank
-_GRACE_S = 1.5  # how long rank 0 watches the heartbeats before naming a dead rank
+_TICK_S = 0.2  # how often each rank checks its step's time and rank 0 the alarm
+_SURVEY_S = 2 * LIFE_BEAT_S + 1.0  # how long rank 0 reads a silent rank's sign of life
 
 
-def _own_store(topo: topology.Topology, timeout: timedelta) -> Store:
-    """A connection of our own to the job's store, under a key prefix new for this run.
+def _own_store(topo: topology.Topology, timeout: timedelta) -> tuple[Store, Store]:
+    """A connection of our own to the job's store, under a key prefix new for this run (and
+    the same connection without the prefix, where the signs of life are).
 
     A store connection serves one request at a time, and the main thread may sit in a blocking
     store wait for minutes (a gloo group being built waits there for its peers): the heartbeat
@@ -43,8 +49,9 @@ def _own_store(topo: topology.Topology, timeout: timedelta) -> Store:
     while hasattr(tcp, "underlying_store"):  # PrefixStores down to the TCPStore
         tcp = tcp.underlying_store
     if not isinstance(tcp, TCPStore):  # a FileStore or HashStore: share the connection
-        return PrefixStore(prefix, shared)
-    return PrefixStore(prefix, TCPStore(tcp.host, tcp.port, is_master=False, timeout=timeout))
+        return PrefixStore(prefix, shared), tcp
+    own = TCPStore(tcp.host, tcp.port, is_master=False, timeout=timeout)
+    return PrefixStore(prefix, own), own
 
 
 class Watch:
@@ -61,8 +68,10 @@ class Watch:
 
     def __init__(self, topo: topology.Topology, timeout: timedelta,
                  report: Callable[[list[str]], None]) -> None:
-        self._store = _own_store(topo, timeout)
+        self._store, self._root = _own_store(topo, timeout)
         self._rank, self._size, self._report = topo.rank, topo.world_size, report
+        assert topo.group is not None  # _own_store checked it
+        self._globals = dist.get_process_group_ranks(topo.group)
         self._limit = timeout.total_seconds() + 1.0  # gloo's own timeout, with its message, first
         self._lock = threading.Lock()
         self._done = False
@@ -79,9 +88,8 @@ class Watch:
         self._store.set(f"stage/{self._rank}", stage)
 
     def _watch(self) -> None:
-        while not self._stop.wait(_BEAT_S):
+        while not self._stop.wait(_TICK_S):
             try:
-                self._store.add(f"beat/{self._rank}", 1)
                 alarm = self._rank == 0 and self._store.check(["alarm"])
             except Exception:  # noqa: BLE001 - the store is gone: the main thread reports it
                 return
@@ -118,7 +126,7 @@ class Watch:
             else:
                 self._report([mine])
                 # torchrun stops a node's other workers when one exits: let rank 0 finish first
-                self._store.wait(["reported"], timedelta(seconds=_GRACE_S + 10))
+                self._store.wait(["reported"], timedelta(seconds=_SURVEY_S + 10))
         except Exception:  # noqa: BLE001 - best effort on the way out: exits below regardless
             pass
         os._exit(1)
@@ -128,18 +136,34 @@ class Watch:
 
     def _survey(self) -> list[str]:
         others = [r for r in range(self._size) if r != self._rank]
-        before = {r: self._store.add(f"beat/{r}", 0) for r in others}
-        time.sleep(_GRACE_S)
+        first = self._lives(others)
+        since = time.monotonic()
+        while True:  # until every silent rank is dead, has moved, or _SURVEY_S passed
+            errors = {r: self._get(f"error/{r}") for r in others}
+            now = self._lives(others)
+            gone = [r for r in others if r in now and now[r].gone_from_this_host()]
+            still = [r for r in others if errors[r] is None and r not in gone
+                     and (r not in now or now[r].count == getattr(first.get(r), "count", None))]
+            waited = time.monotonic() - since
+            if not still or waited >= _SURVEY_S:
+                break
+            time.sleep(_TICK_S)
         died, stopped = [], []
         for r in others:
             who = f"rank {r} ({self._get(f'where/{r}') or 'never started'})"
-            error = self._get(f"error/{r}")
-            if error is not None:
-                stopped.append(f"{who} {error}")
-            elif self._store.add(f"beat/{r}", 0) == before[r]:
-                stage = self._get(f"stage/{r}") or "starting"
-                died.append(f"{who} died or froze while {stage} (no heartbeat for {_GRACE_S:g}s)")
+            stage = self._get(f"stage/{r}") or "starting"
+            if errors[r] is not None:
+                stopped.append(f"{who} {errors[r]}")
+            elif r in gone:
+                died.append(f"{who} died while {stage} (its process is gone)")
+            elif r in still:
+                died.append(f"{who} died or froze while {stage} (no sign of life for "
+                            f"{waited:.1f}s)")
         return died + stopped
+
+    def _lives(self, ranks: list[int]) -> dict[int, life.Life]:
+        found = life.read(self._root, [self._globals[r] for r in ranks])
+        return {r: found[self._globals[r]] for r in ranks if self._globals[r] in found}
 
 
 def first_line(exc: BaseException) -> str:
