@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import sysconfig
 from collections import Counter
@@ -21,6 +22,9 @@ from dataclasses import asdict, dataclass
 from accel_utils._side.life import Life
 
 _FRAMES = 4  # frames of a stack kept in a report, innermost first
+_COLLECTIVE_FILES = {"distributed_c10d.py", "c10d_logger.py"}
+_COLLECTIVE = re.compile(r" in _?\w*(all_?reduce|all_?gather|broadcast|barrier|reduce_scatter|"
+                         r"all_to_all)\w*$")
 _LIBRARY_DIRS = tuple(sorted({os.path.realpath(p) + os.sep for p in (
     sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
     sysconfig.get_paths()["platlib"], os.path.dirname(__file__))}))
@@ -51,8 +55,9 @@ class RankReport:
 
     @property
     def in_collective(self) -> bool:
-        """Whether its main thread is inside a torch.distributed collective."""
-        return any("distributed_c10d.py" in f or "c10d_logger.py" in f for f in self.where)
+        """Whether its main thread is inside a torch.distributed collective (or DDP's)."""
+        return any(f.split(":", 1)[0] in _COLLECTIVE_FILES or _COLLECTIVE.search(f)
+                   for f in self.where)
 
     @property
     def place(self) -> str:
@@ -116,7 +121,12 @@ def stall_table(reports: dict[int, RankReport], silent: list[Silent],
         stall_s: the stall limit that fired (for the headline).
     """
     groups = Counter((r.step, r.phase, r.spot) for r in reports.values())
-    (step, phase, spot), _ = groups.most_common(1)[0] if groups else ((-1, "-", ""), 0)
+    waiting = {(r.step, r.phase, r.spot) for r in reports.values() if r.in_collective}
+    inside = {(r.step, r.phase, r.spot) for r in reports.values() if r.where[:1] != (r.spot,)}
+    # the crowd: the most ranks in one place; on a tie, ranks that wait in a collective, then
+    # ranks inside library code (not running a line of their own)
+    step, phase, spot = max(groups, key=lambda k: (groups[k], k in waiting, k in inside),
+                            default=(-1, "-", ""))
     crowd = sorted(r for r, rep in reports.items() if (rep.step, rep.phase, rep.spot)
                    == (step, phase, spot))
     lines, odd = [], []

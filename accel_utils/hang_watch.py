@@ -19,8 +19,10 @@ process exits does not cut the report off.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
+import itertools
 import logging
 import os
 import socket
@@ -165,7 +167,7 @@ class HangWatch:
         starts = list(self._starts)
         if len(starts) < 2:
             return max(self.warmup, self.stall)
-        typical = statistics.median(b - a for a, b in zip(starts, starts[1:]))
+        typical = statistics.median(b - a for a, b in itertools.pairwise(starts))
         return max(self.stall, SLOW_FACTOR * typical)
 
     def _run(self) -> None:
@@ -246,10 +248,8 @@ class HangWatch:
         """Progress again after a report: take this rank's report back (best effort)."""
         if self._lane is not None:
             key = self._prefix + str(self._rank)
-            try:
+            with contextlib.suppress(SideChannelError):
                 self._lane.pulse.store(lambda s: s.delete_key(key), self.liveness)
-            except SideChannelError:
-                pass
         logger.info("HangWatch: rank %d makes progress again", self._rank)
 
     def _leave(self) -> None:

@@ -26,6 +26,7 @@ with one line:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -41,7 +42,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from accel_utils import FirstRankPerNode, destroy_process_group, get_sync_ctx, reduce_loss
+from accel_utils import (
+    FirstRankPerNode,
+    HangWatch,
+    destroy_process_group,
+    get_sync_ctx,
+    reduce_loss,
+)
 from accel_utils.topology import launcher_env
 
 PAD = 0
@@ -61,6 +68,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--deepspeed", type=int, choices=(0, 1, 2, 3), default=None,
                         help="train with DeepSpeed at this ZeRO stage instead of DDP (also "
                         "selected by an `accelerate launch` DeepSpeed config)")
+    parser.add_argument("--stall", type=float, default=60.0,
+                        help="HangWatch: seconds without progress that make a stall report")
+    parser.add_argument("--straggle", type=int, default=None, metavar="RANK",
+                        help="demo: this rank sleeps 3 x --stall in step 2's data phase, and "
+                             "HangWatch names it")
     parser.add_argument("--cache-dir",
                         default=os.path.join(tempfile.gettempdir(), "accel_utils_examples"),
                         help="where the tokenised dataset is kept (node-local is fine)")
@@ -211,6 +223,7 @@ def deepspeed_micro_batches(accelerator: Accelerator, model: torch.nn.Module,
 
 def main() -> None:
     args = parse_args()
+    logging.basicConfig(level=logging.WARNING)  # HangWatch's stall reports are warnings
     use_deepspeed = (args.deepspeed is not None
                      or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true")
     accelerator = deepspeed_accelerator(args) if use_deepspeed else Accelerator(cpu=use_cpu())
@@ -232,14 +245,34 @@ def main() -> None:
             f"per step but --grad-accum is {args.grad_accum}: make them equal"
         )
     model.train()
-
-    batches = iter(())
-    losses: list[float] = []
-    total_tokens = 0
     bar = tqdm(total=args.steps, desc="train", disable=not accelerator.is_main_process,
                file=sys.stderr)
     start = time.perf_counter()
-    for _ in range(args.steps):
+    watch = HangWatch(accelerator, stall=args.stall)
+    with watch:
+        losses, total_tokens = train(args, accelerator, model, optimizer, loader, watch, bar,
+                                     use_deepspeed)
+    elapsed = time.perf_counter() - start
+    bar.close()
+    if accelerator.is_main_process:
+        sys.stdout.write(
+            f"SUMMARY steps={args.steps} tokens={total_tokens} first_loss={losses[0]:.4f} "
+            f"final_loss={losses[-1]:.4f} tokens_per_s={total_tokens / elapsed:.0f}\n"
+        )
+    destroy_process_group()  # barrier, then teardown: two-process jobs otherwise abort at exit
+
+
+def train(args: argparse.Namespace, accelerator: Accelerator, model: torch.nn.Module,
+          optimizer: torch.optim.Optimizer, loader: DataLoader, watch: HangWatch,
+          bar: tqdm, use_deepspeed: bool) -> tuple[list[float], int]:
+    """The training loop: ``args.steps`` optimizer steps; the losses and the token count."""
+    batches = iter(())
+    losses: list[float] = []
+    total_tokens = 0
+    for step in range(args.steps):
+        watch.step("data")
+        if step == 2 and accelerator.process_index == args.straggle:
+            time.sleep(3 * args.stall)  # the demo's straggler: HangWatch names this line
         micro_batches = []
         for _micro in range(args.grad_accum):
             batch = next(batches, None)
@@ -248,11 +281,14 @@ def main() -> None:
                 batch = next(batches)
             micro_batches.append(batch)
         tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        watch.phase("forward-backward")
         if use_deepspeed:
             store = deepspeed_micro_batches(accelerator, model, micro_batches, tokens)
         else:
             store = ddp_micro_batches(model, micro_batches)
+        watch.phase("reduce")
         loss_total, denom = reduce_loss(store, tokens, dp_group=accelerator)
+        watch.phase("optimizer")
         if not use_deepspeed:  # DeepSpeed stepped inside the last backward
             # DDP and FSDP2 average gradients over ranks; turn that into the global per-token mean
             scale = accelerator.num_processes / denom.item()
@@ -265,14 +301,7 @@ def main() -> None:
         total_tokens += int(denom)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    elapsed = time.perf_counter() - start
-    bar.close()
-    if accelerator.is_main_process:
-        sys.stdout.write(
-            f"SUMMARY steps={args.steps} tokens={total_tokens} first_loss={losses[0]:.4f} "
-            f"final_loss={losses[-1]:.4f} tokens_per_s={total_tokens / elapsed:.0f}\n"
-        )
-    destroy_process_group()  # barrier, then teardown: two-process jobs otherwise abort at exit
+    return losses, total_tokens
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from accel_utils import HangWatch, StallError
 from accel_utils.hang_report import RankReport, Silent, stall_table
 from tests.harness import RankFailure, _pools, run_distributed
 
-_SOURCE = open(__file__).read().splitlines()
+with open(__file__) as _file:
+    _SOURCE = _file.read().splitlines()
 
 
 def _line(marker: str) -> str:

@@ -31,12 +31,17 @@ def _summary(runs, cache_dir) -> dict[str, float]:
 
 
 @pytest.mark.timeout(150)
-def test_torchrun_ddp_loss_falls(tmp_path) -> None:
+def test_torchrun_ddp_loss_falls_and_a_straggler_is_named(tmp_path) -> None:
     env = launch_env(HF_HOME=str(tmp_path / "hf"))
-    runs = run_torchrun(["examples/train_tiny_lm.py", *SHORT, "--cache-dir", str(tmp_path)],
+    runs = run_torchrun(["examples/train_tiny_lm.py", *SHORT, "--cache-dir", str(tmp_path),
+                         "--stall", "2", "--straggle", "1"],
                         nproc_per_node=2, timeout=120, env=env)
     fields = _summary(runs, tmp_path)
     assert fields["final_loss"] < 0.85 * fields["first_loss"], fields
+    # rank 1 slept 6 s in step 3's data phase while rank 0 waited in DDP's broadcast
+    report = [x for x in runs[0].stderr.splitlines() if x.strip().startswith("rank 1 ")]
+    assert report and "step 3" in report[0] and "data" in report[0], runs[0].stderr[-3000:]
+    assert "a straggler" in report[0] and "train_tiny_lm.py:" in report[0], report
 
 
 @pytest.mark.timeout(150)

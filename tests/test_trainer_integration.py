@@ -386,3 +386,54 @@ def test_hsdp_generation_with_sampling_neither_hangs_nor_misaligns() -> None:
     # the premise: the ranks of each replica sampled sequences of different lengths (unsynced,
     # their FSDP collectives paired across calls); synced, they still finished together
     assert out[0]["steps"] != out[1]["steps"] and out[2]["steps"] != out[3]["steps"]
+
+
+def _trainer_with_watch(output_dir: str) -> dict:
+    """A real Trainer with HangWatchCallback; rank 1's fourth forward sleeps past the stall."""
+    import logging
+
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from accel_utils.integrations.callbacks import HangWatchCallback
+
+    class Slow(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.calls = torch.nn.Linear(2, 1), 0
+
+        def forward(self, x, labels):
+            self.calls += 1
+            if self.calls == 4 and dist.get_rank() == 1:
+                time.sleep(5)  # the slow forward
+            return {"loss": ((self.lin(x).squeeze(-1) - labels) ** 2).mean()}
+
+    data = Dataset.from_dict({"x": [[float(i % 4), 1.0] for i in range(64)],
+                              "labels": [float(i % 4) for i in range(64)]})
+    args = TrainingArguments(output_dir=output_dir, use_cpu=True, ddp_backend="gloo",
+                             report_to=[], per_device_train_batch_size=2, max_steps=8,
+                             disable_tqdm=True, logging_strategy="no", save_strategy="no",
+                             ddp_find_unused_parameters=False)
+    callback = HangWatchCallback(stall=1.5, liveness=4)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("accel_utils.hang_watch").addHandler(handler)
+    try:
+        Trainer(model=Slow(), args=args, train_dataset=data, callbacks=[callback]).train()
+    finally:
+        logging.getLogger("accel_utils.hang_watch").removeHandler(handler)
+    return {"log": "\n".join(lines), "watch_left": callback.watch is None}
+
+
+@needs_trainer_compatible_accelerate
+def test_hang_watch_callback_names_a_slow_rank_in_a_real_trainer(tmp_path) -> None:
+    out = run_distributed(_trainer_with_watch, 2, str(tmp_path), timeout=120)
+    with open(__file__) as source:
+        sleep = next(i for i, x in enumerate(source.read().splitlines(), 1)
+                     if "# the slow forward" in x and "next(" not in x)
+    log = out[0]["log"]
+    line = next(x for x in log.splitlines() if x.strip().startswith("rank 1 "))
+    assert f"test_trainer_integration.py:{sleep}" in line and "step 4" in line, log
+    assert "forward-backward" in line, log
+    assert all(o["watch_left"] for o in out)  # on_train_end ended the watch

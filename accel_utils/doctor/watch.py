@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
+import torch.distributed as dist
+
 # TCPStore is public torch.distributed API, but torch 2.13 does not re-export it to type checkers
 from torch.distributed import TCPStore  # type: ignore[attr-defined]
 from torch.distributed.distributed_c10d import PrefixStore, Store
-
-import torch.distributed as dist
 
 from accel_utils import topology
 from accel_utils._side import life
