@@ -158,12 +158,15 @@ def _healthy(first_step_s: float, uneven_s: float, stall: float) -> dict:
             if rank == 1:  # uneven but moving; one step longer than `stall`
                 time.sleep(3 * uneven_s if step == 5 else uneven_s)
             dist.all_reduce(torch.ones(1))
-    return {"reports": watch.reports}
+        requests = watch._lane.pulse.requests  # store round trips of the watch's connection
+    return {"reports": watch.reports, "requests": requests}
 
 
 def test_slow_first_steps_and_uneven_ranks_are_not_stalls() -> None:
     out = run_distributed(_healthy, 4, 2.5, 0.4, 1.0, nodes=2, timeout=60)
     assert [o["reports"] for o in out] == [0, 0, 0, 0], out
+    # while training goes well: no store request beyond the lane's creation (its one mark)
+    assert [o["requests"] for o in out] == [1, 1, 1, 1], out
 
 
 def test_bad_arguments_are_clear_errors() -> None:
