@@ -157,7 +157,7 @@ def stall_table(reports: dict[int, RankReport], silent: list[Silent],
             f", last seen at step {s.life.step} in {s.life.phase}")
         text = {"died": "died (its process is gone)",
                 "not responding": f"not responding for {_s(s.for_s)} (frozen or unreachable)",
-                "moving": "sent no report: its progress still moves",
+                "moving": "sent no report: alive (its sign of life moves), its watch saw no stall",
                 "left": "has left the watch (its loop ended or raised)",
                 }.get(s.verdict, "no sign of life (never reached the watch)")
         if s.verdict not in ("moving", "left"):

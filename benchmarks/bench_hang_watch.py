@@ -19,9 +19,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_timing import Variant, rows, time_variants  # noqa: E402
+from bench_timing import Variant, rows, time_variants
 
-from accel_utils import HangWatch  # noqa: E402
+from accel_utils import HangWatch
 
 
 def _tiny_lm_step() -> tuple[object, object]:

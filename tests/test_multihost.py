@@ -107,6 +107,24 @@ def test_partition_during_barrier_names_node1(cluster):
     _lost_the_store(job, results)
 
 
+def test_hang_watch_names_a_cut_off_node_not_responding(cluster):
+    """Training (an all-reduce a step) under HangWatch(stall=3 s, liveness=4 s, on_stall=
+    "exit"); node 1 is cut off: node 0's report names ranks 2, 3 on node 1 as not responding
+    (another host: no pid to look at), and the watch ends every process."""
+    job = cluster.launch(WORKER, ["hangwatch"], timeout=80)
+    for rank in range(4):
+        assert job.wait_for(rank, "WORKING", timeout=60), job.describe()
+    cluster.partition(1)
+    results = job.wait()
+    report = job.describe()
+    assert [r.returncode for r in results] == [1, 1, 1, 1], report  # none killed by the test
+    rows = [x.strip() for x in results[0].output.splitlines()]
+    for rank in (2, 3):
+        row = next((x for x in rows if x.startswith(f"rank {rank} ")), "")
+        assert "not responding" in row and "node 1" in row, report
+    assert not results[0].lines("PASSED"), report
+
+
 @pytest.mark.parametrize("launcher_vars", [True, False], ids=["torchrun_vars", "bare_vars"])
 def test_healthy_two_hosts(cluster, launcher_vars):
     """Host names tell the nodes apart; node-local tmpfs vs shared dir pick the order."""

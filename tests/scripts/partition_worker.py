@@ -1,10 +1,12 @@
 """A worker for the namespace test bed (tests/test_multihost.py): 2 nodes x 2 ranks on gloo.
 
-Usage: partition_worker.py guard|barrier|healthy
+Usage: partition_worker.py guard|guard30|barrier|healthy|hangwatch
 
 Lines it prints (the test reads them):
 * ``READY rank=R`` once the process group is up (and, for ``barrier``, after a warm-up barrier);
-* ``WORKING rank=R`` when node 1's first rank starts its 30 s block (``guard``);
+* ``WORKING rank=R`` when node 1's first rank starts its 30 s block (``guard``), or when a
+  rank's training loop has made 5 steps (``hangwatch``, whose ranks then exit with the code
+  that HangWatch ends them with);
 * ``RESULT {json}`` with what happened: the error's type, ``ranks`` and ``nodes``, or ``passed``;
 * ``PASSED rank=R`` if a rank got past the guard or barrier.
 A rank that raised exits 1.
@@ -97,11 +99,31 @@ def healthy(rank: int) -> None:
     accel_utils.destroy_process_group()
 
 
+def hangwatch(rank: int) -> None:
+    """A training loop of all-reduces under HangWatch(on_stall="exit"), until the test cuts a
+    node off; the watch then ends every process (exit code 1) after its report."""
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    say(f"READY rank={rank}")
+    with accel_utils.HangWatch(stall=3, liveness=4, on_stall="exit") as watch:
+        for step in range(1, 100_000):
+            watch.step()
+            dist.all_reduce(torch.ones(1))  # the step's all-reduce
+            time.sleep(0.1)
+            if step == 5:
+                say(f"WORKING rank={rank}")
+    say(f"PASSED rank={rank}")
+
+
 def main() -> None:
     mode = sys.argv[1]
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank = dist.get_rank()
-    {"guard": guard, "guard30": guard30, "barrier": barrier, "healthy": healthy}[mode](rank)
+    {"guard": guard, "guard30": guard30, "barrier": barrier, "healthy": healthy,
+     "hangwatch": hangwatch}[mode](rank)
     if mode != "healthy":
         accel_utils.destroy_process_group()
 
