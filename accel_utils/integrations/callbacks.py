@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from accel_utils.hang_watch import HangWatch, OnStall
 
 
-class HangWatchCallback(TrainerCallback):  # type: ignore[misc]  # transformers is untyped
+class HangWatchCallback(TrainerCallback):
     """Watch ``trainer.train()`` for stalls (arguments as :class:`~accel_utils.HangWatch`'s).
 
     The watched group is the Trainer's (its ``TrainingArguments``' Accelerate state).
