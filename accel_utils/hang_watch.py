@@ -157,7 +157,7 @@ class HangWatch:
             if exc is not None and not isinstance(exc, StallError) and not self._ending:
                 self._post_mortem(exc)
             if not (thread and thread.is_alive()):  # else it still reports through the lane
-                from accel_utils._side.lane import close
+                from accel_utils._side import close
 
                 close(self._group, "hang-watch")
                 self._lane = None

@@ -30,7 +30,8 @@ from accel_utils._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from accel_utils._side.gloo import parked_count, set_timeout
-    from accel_utils._side.lane import Lane, lane_count, lane_for, release_all, side_group
+    from accel_utils._side.lane import Lane
+    from accel_utils._side.lanes import close, lane_count, lane_for, release_all, side_group
     from accel_utils._side.timing import DEFAULT_LIVENESS, as_liveness, as_timeout
     from accel_utils._side.wire import PAYLOAD_BITS, Failure, Kind, Order, Phase, Record, Reduced
 
@@ -38,8 +39,9 @@ if TYPE_CHECKING:
 # ``import accel_utils`` (standard library only) does not import torch
 _EXPORTS = {
     **dict.fromkeys(("parked_count", "set_timeout"), "accel_utils._side.gloo"),
-    **dict.fromkeys(("Lane", "lane_count", "lane_for", "release_all", "side_group"),
-                    "accel_utils._side.lane"),
+    "Lane": "accel_utils._side.lane",
+    **dict.fromkeys(("close", "lane_count", "lane_for", "release_all", "side_group"),
+                    "accel_utils._side.lanes"),
     **dict.fromkeys(("DEFAULT_LIVENESS", "as_liveness", "as_timeout"), "accel_utils._side.timing"),
     **dict.fromkeys(("PAYLOAD_BITS", "Failure", "Kind", "Order", "Phase", "Record", "Reduced"),
                     "accel_utils._side.wire"),
@@ -57,6 +59,7 @@ __all__ = [  # literal, for type checkers; tests/test_topology.py keeps it in st
     "Reduced",
     "as_liveness",
     "as_timeout",
+    "close",
     "lane_count",
     "lane_for",
     "parked_count",

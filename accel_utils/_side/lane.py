@@ -14,7 +14,6 @@ fresh one under its own ``seq``, so every member lands on the same prefix again.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,8 +25,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import PrefixStore
 
-from accel_utils._identity_cache import IdentityCache
-from accel_utils._side import life
 from accel_utils._side.diagnosis import Diagnosis
 from accel_utils._side.gloo import connect_gloo, descriptors_short, finished, park, set_timeout
 from accel_utils._side.heartbeat import Pulse, store_lost
@@ -38,7 +35,7 @@ from accel_utils._side.timing import (
     store_deadline,
     unresponsive_window,
 )
-from accel_utils._side.wire import Call, Failure, Kind, Mark, Phase, Record, Reduced, mark_key
+from accel_utils._side.wire import Call, Failure, Kind, Phase, Record, Reduced
 from accel_utils.errors import SideChannelError, describe
 
 logger = logging.getLogger("accel_utils.side_channel")
@@ -313,73 +310,3 @@ def _timed_out(deadline: float, limit: timedelta) -> bool:
     the evidence that tells its timeout from any other error, whatever its message says."""
     started = deadline - GRACE_S - limit.total_seconds()
     return time.monotonic() - started >= 0.9 * limit.total_seconds()
-
-
-# ----------------------------------------------------------------------------------- lanes
-_lanes = IdentityCache()  # parent group -> {thread name: Lane}; entries die with their parent
-_DEFAULT_THREAD_NAME = re.compile(r"Thread-\d+( \(.*\))?$|ThreadPoolExecutor-\d+_\d+$")
-
-
-def lane_for(parent: dist.ProcessGroup, purpose: str = "") -> Lane:
-    """This thread's lane on ``parent`` (created on first use; no collective, no waiting).
-
-    Threads other than the main one get lanes of their own, matched across ranks by thread
-    name: a guard in thread "loader" on one rank pairs with thread "loader" on the others.
-    With ``purpose``, the lane of that name whatever the thread (the library's own calls that
-    every rank makes once, from whichever thread asks first).
-    """
-    thread = threading.current_thread()
-    tag = purpose or ("" if thread is threading.main_thread() else thread.name)
-    lanes: dict[str, Lane] = _lanes.setdefault(parent, dict)
-    lane: Lane | None = lanes.get(tag)
-    if lane is None:
-        if not purpose and _DEFAULT_THREAD_NAME.match(tag):
-            logger.warning(
-                "side channel for thread %r: threads are matched across ranks by name, and a "
-                "default name counts the threads this process started before (a logger or "
-                "tracker started on some ranks only shifts it), so the other ranks may call "
-                "theirs differently and this thread's guards and barriers would wait for the "
-                "timeout. Name the thread the same on every rank: threading.Thread(name=...), "
-                "ThreadPoolExecutor(thread_name_prefix=...)", tag)
-        name = parent.group_name + (f"/thread:{tag}" if tag else "")
-        root = life.root_store(parent.get_group_store())
-        connection = root.clone()  # the pulse thread's own: its calls may block for minutes
-        base = PrefixStore(f"accel_utils/side/{name}", root)
-        rank, size = dist.get_rank(parent), dist.get_world_size(parent)
-        members = dist.get_process_group_ranks(parent)
-        pulse = Pulse(PrefixStore(f"accel_utils/side/{name}", connection), rank, size, name,
-                      connection, members)
-        lane = lanes[tag] = Lane(name, rank, size, frozenset(members), base, pulse)
-        lane.pulse.store(lambda s: s.set(mark_key(rank), str(Mark(0, Phase.NONE, 0))), None)
-    return lane
-
-
-def close(parent: dist.ProcessGroup, purpose: str) -> None:
-    """Forget the ``purpose`` lane of ``parent`` after its last operation (every member does)."""
-    lanes: dict[str, Lane] | None = _lanes.get(parent)
-    lane = None if lanes is None else lanes.pop(purpose, None)
-    if lane is not None:  # nothing is pending on its group: freed now, not at exit
-        lane.pulse.stop()
-        lane.group = lane.work = None
-
-
-def side_group(parent: dist.ProcessGroup, limit: timedelta, what: str = "side group") -> Any:
-    """The gloo group of this thread's lane on ``parent``, created if it has none (collective
-    over ``parent``'s members then, waiting at most ``limit``)."""
-    lane = lane_for(parent)
-    if lane.group is None:
-        lane.connect(lane.begin(), what, limit, None)
-    return lane.group
-
-
-def lane_count() -> int:
-    """How many parent groups have lanes (for tests of the lifecycle)."""
-    return len(_lanes)
-
-
-def release_all() -> None:
-    """Forget every lane (stopping its thread), so that its groups end now, not at exit."""
-    for lanes in _lanes.values():
-        for lane in lanes.values():
-            lane.pulse.stop()
-    _lanes.clear()

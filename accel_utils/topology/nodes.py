@@ -336,7 +336,7 @@ def layout_from_gather(group: dist.ProcessGroup, timeout: timedelta,
     on each rank): bounded by ``timeout``, and a member that is dead, frozen or in another call
     is named as in every guard or barrier.
     """
-    from accel_utils._side.lane import close, lane_for  # the side channel needs torch's groups
+    from accel_utils._side import close, lane_for  # the side channel needs torch's groups
 
     lane = lane_for(group, "node-identity")
     try:
