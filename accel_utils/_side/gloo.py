@@ -3,13 +3,14 @@
 The protocol lives in :mod:`accel_utils._side.lane`; this module knows how a
 gloo group is made (lazily connected, so a rank holds sockets to its ring neighbours only), how
 to tell a process that has no descriptors left for one, how to wait on its operations a slice at
-a time, and where abandoned groups go: parked in a daemon thread's frame, never destroyed (a
-gloo group's destructor waits for its pending operations, which would keep a failing rank from
-raising or exiting).
+a time, and where abandoned groups go: parked in a daemon thread's frame, destroyed only once
+nothing of them is busy (a gloo group's destructor waits for its pending operations, which would
+keep a failing rank from raising or exiting).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import queue
@@ -23,46 +24,71 @@ import torch
 import torch.distributed as dist
 
 _FDS_PER_GROUP = 16  # a lazy side group holds ~6 (a store connection, a listener, 2 ring pairs)
+_FREE_POLL_S = 1.0  # how often the keeper looks for parked groups it may free
 
 
 class _Keeper:
-    """Holds parked groups from a daemon thread's frame, so no destructor ever runs on them.
+    """Holds parked groups from a daemon thread's frame, so no destructor runs on them early.
 
-    Not even once their operation is over: a gloo group's destructor joins its threads with the
-    GIL held, and with a pair still connecting to a dead peer that froze the whole process (the
-    fault matrix, with a keeper that freed finished groups).
+    A gloo group's destructor joins its threads with the GIL held: with an operation pending,
+    or a pair still connecting to a dead peer, that froze the whole process (the fault matrix,
+    with a keeper that freed every finished group). So a group is freed only on evidence that
+    nothing of it is busy: the operation it was parked with completed *successfully* (every
+    member contributed, so its pairs are connected and its threads idle), as after a first
+    rank's reported failure or a mismatch. A group parked after a death, a timeout or a lost
+    store stays parked until the process ends.
     """
 
     def __init__(self) -> None:
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[tuple[Any, ...], Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self.count = 0  # objects parked so far
+        self.count = 0  # groups (or connection attempts) parked so far
+        self.freed = 0  # of those, freed by the keeper
 
-    def park(self, *objects: Any) -> None:
+    def park(self, objects: tuple[Any, ...], work: Any) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._hold, name="accel-utils-parked",
                                             daemon=True)
             self._thread.start()
-        self._inbox.put(objects)
+        self._inbox.put((objects, work))
         self.count += 1
 
     def _hold(self) -> None:
-        kept = []
+        kept: list[tuple[tuple[Any, ...], Any]] = []
         while True:
-            kept.append(self._inbox.get())
+            with contextlib.suppress(queue.Empty):
+                kept.append(self._inbox.get(timeout=_FREE_POLL_S))
+            busy = [item for item in kept if not _succeeded(item[1])]
+            if len(busy) < len(kept):
+                self.freed += len(kept) - len(busy)
+                kept = busy  # the last references to the others go: their groups end here
+
+
+def _succeeded(work: Any) -> bool:
+    """Whether ``work`` (a parked group's last operation) completed without an error."""
+    try:
+        return work is not None and work.is_completed() and work.exception() is None
+    except Exception:  # noqa: BLE001 - no verdict: keep the group
+        return False
 
 
 _keeper = _Keeper()
 
 
-def park(*objects: Any) -> None:
-    """Keep ``objects`` (a group that may hold a pending operation) alive, never destroyed."""
-    _keeper.park(*objects)
+def park(*objects: Any, work: Any = None) -> None:
+    """Keep ``objects`` (a group that may hold a pending operation) alive; they are freed once
+    ``work``, the group's last operation, has completed successfully (never without one)."""
+    _keeper.park(objects, work)
 
 
 def parked_count() -> int:
-    """How many abandoned groups (or connection attempts) this process has parked."""
+    """How many abandoned groups (or connection attempts) this process has parked so far."""
     return _keeper.count
+
+
+def held_count() -> int:
+    """How many parked groups (or connection attempts) are still held, not freed."""
+    return _keeper.count - _keeper.freed
 
 
 def descriptors_short(rank: int, need: int = 0) -> str:

@@ -60,6 +60,7 @@ class Lane:
     gen: int = 0  # the seq whose prefix the current group was created under
     timeout: timedelta | None = None  # the gloo group's current timeout
     work: Any = None  # the operation in flight, parked with the group on a failure
+    done: Any = None  # the group's last operation, completed: its parking frees it (gloo.park)
     label: str = ""  # the current operation's label (a guard's order)
     memo: dict[str, Any] = field(default_factory=dict)  # per-lane facts (probes, node posted)
     diagnosis: Diagnosis = field(init=False)
@@ -124,7 +125,7 @@ class Lane:
                     self.abandon()
         finally:
             self.pulse.deactivate()
-        self.work = None
+        self.done, self.work = self.work, None
         result = Reduced(tuple(tensor.tolist()))
         if result.mismatched:
             raise self.diagnosis.mismatch(
@@ -155,7 +156,7 @@ class Lane:
             self._watch(finished(self.work), seq, what, deadline, limit, liveness)
         finally:
             self.pulse.deactivate()
-        self.work = None
+        self.done, self.work = self.work, None
         return [bytes(o[: int(n)].tolist()) for o, n in zip(out, sizes, strict=True)]
 
     def _start(self, seq: int, words: list[int], what: str, limit: timedelta,
@@ -292,8 +293,8 @@ class Lane:
     def abandon(self) -> None:
         """Stop using the group (it may hold a pending operation): park it, build anew later."""
         if self.group is not None:
-            park(self.group, self.work)
-        self.group, self.work, self.timeout = None, None, None
+            park(self.group, work=self.done if self.work is None else self.work)
+        self.group, self.work, self.done, self.timeout = None, None, None, None
 
     def fail(self, record: Record, cause: BaseException | None = None,
              liveness: float | None = None) -> NoReturn:
