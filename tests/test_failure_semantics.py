@@ -361,7 +361,7 @@ def test_a_thread_with_a_default_name_is_told_to_name_it() -> None:
 
 def _first_lanes_from_two_threads() -> int:
     """Two threads take their first lanes on a fresh group at once; each must keep its lane."""
-    from accel_utils._side import lane as side_channel
+    from accel_utils._side import lanes as side_channel
 
     group = dist.new_group(backend="gloo")
     lookup = side_channel._lanes.get
