@@ -17,8 +17,9 @@ exports, nobody imports its modules' insides. One module per concept:
 A failure is published as a record in the job's store (first writer wins) *before* this rank
 gives up on the group; a rank that sees a connection drop reads the records first and waits a
 moment for one, so a peer's timeout is never mistaken for a death. Parked groups are kept alive
-by a daemon thread, never destroyed: a gloo group's destructor waits for its pending operations,
-which would keep a failing rank from raising or exiting. The package logs to
+by a daemon thread, and destroyed only once their last operation completed successfully: a gloo
+group's destructor waits for its pending operations, which would keep a failing rank from raising
+or exiting. The package logs to
 ``accel_utils.side_channel``.
 """
 
