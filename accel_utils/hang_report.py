@@ -173,3 +173,16 @@ def stall_table(reports: dict[int, RankReport], silent: list[Silent],
         lines.append(f"  (the watch thread was held {held:.1f} s: the main thread kept the GIL "
                      "inside a C call)")
     return "\n".join([head, *lines]), odd
+
+
+def judge_silent(rank: int, now: Life | None, first: Life | None, waited: float) -> Silent:
+    """A rank that sent no report: dead, frozen (its sign of life stood still) or moving."""
+    if now is None:
+        return Silent(rank, None, "never", waited)
+    if now.gone_from_this_host():
+        return Silent(rank, now, "died")
+    if now.step < 0:
+        return Silent(rank, now, "left")
+    if first is not None and now.count != first.count:
+        return Silent(rank, now, "moving")
+    return Silent(rank, now, "not responding", waited)

@@ -37,7 +37,7 @@ from typing import Any
 from accel_utils._side import life
 from accel_utils._side.timing import absent_silence_s, as_timeout
 from accel_utils.errors import SideChannelError, StallError
-from accel_utils.hang_report import RankReport, Silent, stall_table, where_now
+from accel_utils.hang_report import RankReport, judge_silent, stall_table, where_now
 from accel_utils.topology import launcher
 
 logger = logging.getLogger("accel_utils.hang_watch")
@@ -221,13 +221,13 @@ class HangWatch:
         settle = min(max(2.0, 2 * tick), self.stall)
         while True:
             self._stop.wait(tick)
-            found = pulse.store(lambda s: _read(s, list(keys.values())), self.liveness)
-            reports = {r: RankReport.from_json(found[k]) for r, k in keys.items() if k in found}
+            found = pulse.store(lambda s: life.read_existing(s, keys), self.liveness)
+            reports = {r: RankReport.from_json(v) for r, v in found.items()}
             reports[self._rank] = mine
             missing = [r for r in ranks if r not in reports]
             lives = pulse.read_lives(missing, self.liveness)
             waited = time.monotonic() - since
-            silent = [_judge(r, lives.get(r), first.get(r), waited) for r in missing]
+            silent = [judge_silent(r, lives.get(r), first.get(r), waited) for r in missing]
             if waited >= window or (waited >= settle and all(
                     s.verdict in ("died", "moving", "left") for s in silent)):
                 break
@@ -322,23 +322,3 @@ def _stall_error(message: str, ranks: list[int]) -> type[StallError]:
 
     return type("StallError", (StallError,), {"__init__": init, "__reduce__": reduce,
                                               "__module__": StallError.__module__})
-
-
-def _read(store: Any, keys: list[str]) -> dict[str, bytes]:
-    """The values of ``keys`` that exist (one request when all do)."""
-    if store.check(keys):
-        return dict(zip(keys, store.multi_get(keys), strict=True))
-    return {k: store.get(k) for k in keys if store.check([k])}
-
-
-def _judge(rank: int, now: life.Life | None, first: life.Life | None, waited: float) -> Silent:
-    """A rank that sent no report: dead, frozen (its sign of life stood still) or moving."""
-    if now is None:
-        return Silent(rank, None, "never", waited)
-    if now.gone_from_this_host():
-        return Silent(rank, now, "died")
-    if now.step < 0:
-        return Silent(rank, now, "left")
-    if first is not None and now.count != first.count:
-        return Silent(rank, now, "moving")
-    return Silent(rank, now, "not responding", waited)

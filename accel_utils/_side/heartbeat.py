@@ -322,8 +322,5 @@ class Pulse:
 
 def read_marks(store: Any, ranks: Iterable[int]) -> dict[int, Mark]:
     """The marks of ``ranks`` that exist (a member that never beat has none)."""
-    keys = {r: mark_key(r) for r in ranks}
-    if store.check(list(keys.values())):
-        return {r: Mark.parse(v) for r, v in zip(keys, store.multi_get(list(keys.values())),
-                                                  strict=True)}
-    return {r: Mark.parse(store.get(k)) for r, k in keys.items() if store.check([k])}
+    found = life.read_existing(store, {r: mark_key(r) for r in ranks})
+    return {r: Mark.parse(v) for r, v in found.items()}

@@ -185,8 +185,12 @@ def beat_now(wait_s: float) -> bool:
 
 def read(store: Any, global_ranks: list[int]) -> dict[int, Life]:
     """The signs of life of ``global_ranks`` that exist, from ``store`` (the default group's)."""
-    keys = {r: life_key(r) for r in global_ranks}
-    if store.check(list(keys.values())):  # one request when every mark exists
-        values = store.multi_get(list(keys.values()))
-        return {r: Life.parse(v) for r, v in zip(keys, values, strict=True)}
-    return {r: Life.parse(store.get(k)) for r, k in keys.items() if store.check([k])}
+    found = read_existing(store, {r: life_key(r) for r in global_ranks})
+    return {r: Life.parse(v) for r, v in found.items()}
+
+
+def read_existing(store: Any, keys: dict[Any, str]) -> dict[Any, bytes]:
+    """The values of the keys (``{name: key}``) that exist: one request when every one does."""
+    if store.check(list(keys.values())):
+        return dict(zip(keys, store.multi_get(list(keys.values())), strict=True))
+    return {name: store.get(key) for name, key in keys.items() if store.check([key])}
