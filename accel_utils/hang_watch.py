@@ -103,6 +103,8 @@ class HangWatch:
         self._lane: Any = None
         self.reports = 0  # stalls this rank has reported on
         self.last_report = ""  # the last table this rank logged ("" if it is no reporter)
+        self._odd: list[int] = []  # the ranks that table names
+        self._absent = 0  # ranks it found dead, frozen or gone: they will not count out
         self._ending = False
 
     # ------------------------------------------------------------------ the training thread
@@ -127,8 +129,8 @@ class HangWatch:
         self._rank, self._size = topo.rank, topo.world_size
         if topo.group is not None:
             name = topo.group.group_name
-            self._prefix = f"hang/{_watches.setdefault(name, 0) + 1}/"
-            _watches[name] += 1
+            _watches[name] = _watches.get(name, 0) + 1
+            self._prefix = f"hang/{_watches[name]}/"
             self._group, self._lane = topo.group, lane_for(topo.group, purpose="hang-watch")
         self._reporter = self._rank == 0 or launcher.get_int("LOCAL_RANK") == 0
         node = launcher.get_int("GROUP_RANK")
@@ -231,7 +233,7 @@ class HangWatch:
             if waited >= window or (waited >= settle and all(
                     s.verdict in ("died", "moving", "left") for s in silent)):
                 break
-        self._absent = sum(s.verdict != "moving" for s in silent)  # they will not count out
+        self._absent = sum(s.verdict != "moving" for s in silent)
         self._log(*stall_table(reports, silent, self._limit()))
         pulse.store(lambda s: s.set(f"{self._prefix}reported/{episode}", ""), self.liveness)
 
@@ -261,7 +263,7 @@ class HangWatch:
         try:
             left = pulse.store(lambda s: s.add(key, 1), self.liveness)
             deadline = time.monotonic() + LEAVE_WAIT_S
-            expected = self._size - getattr(self, "_absent", 0)
+            expected = self._size - self._absent
             while self._rank == 0 and left < expected and time.monotonic() < deadline:
                 time.sleep(0.2)
                 left = pulse.store(lambda s: s.add(key, 0), self.liveness)
@@ -296,7 +298,7 @@ class HangWatch:
         if self.on_stall is OnStall.RAISE and not self._left.is_set():
             ctypes.pythonapi.PyThreadState_SetAsyncExc(
                 ctypes.c_ulong(self._main),
-                ctypes.py_object(_stall_error(message, getattr(self, "_odd", []))))
+                ctypes.py_object(_stall_error(message, self._odd)))
             if self._left.wait(RAISE_GRACE_S):
                 return
             why = (f"its main thread did not leave the watch within {RAISE_GRACE_S:g} s (it is "
