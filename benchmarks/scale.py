@@ -1,26 +1,35 @@
-"""The side channel at many ranks, simulated on one machine: sockets, store load, latency.
+"""The side channel at many ranks, simulated on one machine: critical paths, sockets, store load.
 
-    python benchmarks/scale.py                                  # 8, 32, 128, 256 ranks (~10 min)
-    python benchmarks/scale.py --baseline 4be617f               # also the side channel of a commit
+    python benchmarks/scale.py --baseline d39320b   # 8, 32, 128, 256 ranks, and the ring (~15 min)
     python benchmarks/scale.py --world-sizes 8 --wait 3 --out /tmp/scale   # smoke run
 
 Each simulated node is one process holding ``--ranks-per-node`` ranks as threads; every rank has
-its own store client, its own side-channel lane (the library's ``Lane`` and ``Pulse``) and its
-own gloo side group, all against one TCPStore served by this process, as under torchrun. Per
-world size it measures:
+its own store client (its process's side connection), its own side-channel lane (the library's
+``Lane`` and ``Pulse``) and its own gloo side group, all against one TCPStore served by this
+process, as under torchrun. Per world size it counts (from the algorithm, not the clock):
 
-* the creation of the side group (every rank, from a common start) and the descriptors each
+* the critical path of an empty operation in sequential message hops (the tree: ``2 log2``;
+  gloo's ring all-reduce, the baseline: ``2 (world - 1)``) and the messages a rank sends per
+  operation (mean and most);
+* the critical path of the side group's creation in hops (each hop's first message also looks up
+  its peer's address in the store) and the store requests a rank makes to create it;
+
+and measures:
+
+* the creation (the lane and its group, every rank from a common start) and the descriptors each
   rank holds afterwards (``/proc/self/fd`` of the node, divided by its ranks);
 * the latency of an empty side-channel operation (what an empty guard costs), back to back;
 * the store requests per second per node while every rank but rank 0 waits in a guard that
   rank 0 keeps open for ``--wait`` seconds, in the first 5 s (fast beats) and after; and the
-  mark keys read per second (a request's size);
+  mark keys read per second (a request's size); and the round trip of one store request.
 
-then extrapolates each to 1,024, 8,192 and 65,536 ranks as ``c * world**k`` through the two
-largest measured sizes (the table gives ``k``: ~0 is flat, ~1 grows with the world). All ranks
-share this machine's cores, so latencies are upper bounds of a real network's. ``--baseline REF``
-runs the same simulation on the library of another commit (a temporary ``git worktree``), side
-by side in one run; ``--render JSON`` redraws the outputs of a run.
+Latency and creation are extrapolated to 1,024, 8,192 and 65,536 ranks as the counted hops times
+the cost of one hop measured at the largest size; the store's own work at creation as ranks x
+requests per rank x one request's round trip (its one thread serves them in turn). The other
+metrics as ``c * world**k`` through the two largest sizes (the table gives ``k``: ~0 is flat).
+All ranks share this machine's cores, so latencies are upper bounds of a real network's.
+``--baseline REF`` runs the same simulation on the library of another commit (a temporary ``git
+worktree``), side by side in one run; ``--render JSON`` redraws the outputs of a run.
 Writes ``scale.json``, ``scale.md`` and ``scale.png`` under ``--out``.
 """
 
@@ -28,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -95,13 +106,49 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def node_main(args: argparse.Namespace) -> None:
-    import torch.distributed as dist
+def counted(world: int, ring: bool | None = None) -> dict[str, Any]:
+    """The algorithm's counts at ``world`` ranks: gloo's ring all-reduce (also to connect), or
+    the tree (None: whichever the library on ``sys.path`` has)."""
+    if ring is None:
+        ring = importlib.util.find_spec("accel_utils._side.tree") is None
+    if ring:
+        hops = 2 * (world - 1)
+        return {"op_hops": hops, "creation_hops": hops, "msgs_mean": float(hops),
+                "msgs_max": hops}
+    from accel_utils._side.tree import children, depth
+
+    sent = [len(children(r, world)) + (r > 0) for r in range(world)]
+    return {"op_hops": depth(world), "creation_hops": depth(world),
+            "msgs_mean": sum(sent) / world, "msgs_max": max(sent)}
+
+
+def make_lane(rank: int, world: int, client: Any, counts: dict[str, int]) -> tuple[Any, Any]:
+    """A lane as ``lanes.lane_for`` makes it, on ``client`` (this rank's side connection), and
+    the store gloo uses (None where the library does not tell)."""
     from torch.distributed.distributed_c10d import PrefixStore
 
+    from accel_utils._side import gloo
     from accel_utils._side.heartbeat import Pulse
     from accel_utils._side.lane import Lane
-    from accel_utils._side.wire import Kind, Mark, Phase, mark_key
+    from accel_utils._side.wire import Mark, Phase, mark_key
+
+    prefix = "accel_utils/side/scale"
+    if hasattr(gloo, "gloo_store"):  # one connection per process, shared
+        seen = gloo.gloo_store(client)
+        link, pulse_conn = PrefixStore(prefix, seen), client
+    else:  # before: a connection per lane for its heartbeat, one per group (cloned from link)
+        seen, link, pulse_conn = None, PrefixStore(prefix, client), client.clone()
+    pulse = Pulse(CountingStore(PrefixStore(prefix, pulse_conn), counts), rank, world,
+                  f"scale{rank}")
+    lane = Lane("scale", rank, world, frozenset(range(world)), link, pulse)
+    lane.pulse.store(lambda s: s.set(mark_key(rank), str(Mark(0, Phase.NONE, 0))), None)
+    return lane, seen
+
+
+def node_main(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    from accel_utils._side.wire import Kind
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # as far as allowed
@@ -109,23 +156,24 @@ def node_main(args: argparse.Namespace) -> None:
     ranks = range(args.node * per, (args.node + 1) * per)
     counts = {"requests": 0, "keys": 0}
     lanes: dict[int, Any] = {}
-    out: dict[str, Any] = {"node": args.node, "creation_s": {}, "op_s": {}}
+    out: dict[str, Any] = {"node": args.node, "creation_s": {}, "op_s": {},
+                           "creation_requests": {}, **counted(world)}
     start = threading.Barrier(per + 1)
 
     def rank_main(rank: int) -> None:
         client = dist.TCPStore("127.0.0.1", args.port, world, False, timeout=LIMIT)
-        base = PrefixStore("accel_utils/side/scale", client)
-        pulse = Pulse(CountingStore(base.clone(), counts), rank, world, f"scale{rank}")
-        lane = lanes[rank] = Lane("scale", rank, world, frozenset(range(world)), base, pulse)
-        lane.pulse.store(lambda s: s.set(mark_key(rank), str(Mark(0, Phase.NONE, 0))), None)
         start.wait()
         start.wait()
         client.add("arrived", 1)  # a common start across the node processes (polled: a
         while client.add("arrived", 0) < world:  # store-side wait would skew the start)
             time.sleep(0.01)
         t0 = time.perf_counter()
+        lane, seen = make_lane(rank, world, client, counts)
+        lanes[rank] = lane
         lane.connect(lane.begin(), "scale", LIMIT, None)
         out["creation_s"][rank] = time.perf_counter() - t0
+        if seen is not None:  # gloo's requests, and the lane's mark
+            out["creation_requests"][rank] = seen.requests + 1
         start.wait()  # fds counted
         t0 = time.perf_counter()
         for _ in range(args.ops):
@@ -136,7 +184,7 @@ def node_main(args: argparse.Namespace) -> None:
             time.sleep(args.wait)
         lane.run(lane.begin(), Kind.GUARD, "global", "scale", LIMIT, 30.0)
 
-    before = _open_fds()  # a rank's descriptors: its store clients and its side group
+    before = _open_fds()  # a rank's descriptors: its side group (and before, connections)
     threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in ranks]
     for thread in threads:
         thread.start()
@@ -164,6 +212,11 @@ def simulate(world: int, args: argparse.Namespace, pythonpath: str) -> dict[str,
     import torch.distributed as dist
 
     server = dist.TCPStore("127.0.0.1", 0, world, True, timeout=LIMIT, wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", server.port, world, False, timeout=LIMIT)
+    t0 = time.perf_counter()
+    for _ in range(2000):  # one request's round trip: the store serves a creation's in turn
+        client.check(["rtt"])
+    request_us = (time.perf_counter() - t0) / 2000 * 1e6
     env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
     nodes = world // args.ranks_per_node
     procs = [subprocess.Popen(
@@ -182,7 +235,7 @@ def simulate(world: int, args: argparse.Namespace, pythonpath: str) -> dict[str,
     finally:
         for proc in procs:
             proc.kill()
-    return summarize(world, nodes, reports)
+    return {**summarize(world, nodes, reports), "request_us": request_us}
 
 
 def summarize(world: int, nodes: int, reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -194,9 +247,12 @@ def summarize(world: int, nodes: int, reports: list[dict[str, Any]]) -> dict[str
         return total / nodes
 
     last = len(reports[0]["samples"]) - 1
+    requests = [v for r in reports for v in r["creation_requests"].values()]
     return {
         "world": world,
         "nodes": nodes,
+        **{key: reports[0][key] for key in ("op_hops", "creation_hops", "msgs_mean", "msgs_max")},
+        "creation_requests": statistics.mean(requests) if requests else None,
         "creation_s": max(max(r["creation_s"].values()) for r in reports),
         "fds_per_rank": statistics.mean(r["fds_per_rank"] for r in reports),
         "op_ms": 1e3 * statistics.median(v for r in reports for v in r["op_s"].values()),
@@ -207,35 +263,47 @@ def summarize(world: int, nodes: int, reports: list[dict[str, Any]]) -> dict[str
     }
 
 
-METRICS = (("fds_per_rank", "descriptors / rank", "{:.1f}"),
-           ("creation_s", "side-group creation (s)", "{:.2f}"),
+METRICS = (("op_hops", "empty op: hops (counted)", "{:,.0f}"),
            ("op_ms", "empty operation (ms)", "{:.2f}"),
+           ("msgs_mean", "messages sent / rank / op, mean", "{:.2f}"),
+           ("msgs_max", "most", "{:,.0f}"),
+           ("creation_hops", "creation: hops (counted)", "{:,.0f}"),
+           ("creation_s", "side-group creation (s)", "{:.2f}"),
+           ("creation_requests", "store requests / rank to create", "{:.1f}"),
+           ("store_busy_s", "store's work at creation (s)", "{:.2f}"),
+           ("fds_per_rank", "descriptors / rank", "{:.1f}"),
            ("store_req_s_per_node_fast", "store req/s per node, first 5 s", "{:.1f}"),
            ("store_req_s_per_node_slow", "store req/s per node, later", "{:.2f}"),
            ("keys_s_per_node_slow", "mark keys read/s per node, later", "{:.1f}"))
+BY_HOPS = {"op_ms": "op_hops", "creation_s": "creation_hops"}  # time = counted hops x a hop's
+COUNTED = ("op_hops", "creation_hops", "msgs_mean", "msgs_max", "creation_requests")
 
 
-def extrapolate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each metric as ``c * world**k`` through the two largest measured sizes.
-
-    ``k`` is how a cost grows: ~0 flat, ~1 linear in the world. (The smaller sizes run in one
-    or a few processes, which skews a fit through all of them.) A zero cannot be extrapolated.
+def extrapolate(rows: list[dict[str, Any]], algorithm: Any) -> list[dict[str, Any]]:
+    """The larger worlds: counts from ``algorithm`` (:func:`counted` of the series' library),
+    latency and creation as counted hops x the cost of a hop at the largest measured size, the
+    store's work at creation as ranks x requests per rank x one request's round trip, the rest
+    as ``c * world**k`` through the two largest measured sizes (``k`` ~0: flat; ~1: linear).
     """
+    last = rows[-1]
     fits = {}
     for key, _, _ in METRICS:
         pts = [(math.log(r["world"]), math.log(r[key])) for r in rows[-2:]
                if r.get(key) is not None and r[key] > 0]
-        if len(pts) == 2 and pts[0][0] != pts[1][0]:
+        if key not in COUNTED and key not in BY_HOPS and len(pts) == 2 and pts[0][0] != pts[1][0]:
             k = (pts[1][1] - pts[0][1]) / (pts[1][0] - pts[0][0])
             fits[key] = (k, pts[1][1] - k * pts[1][0])
     out = []
     for world in EXTRAPOLATE:
-        row: dict[str, Any] = {"world": world, "extrapolated": True}
-        for key, _, _ in METRICS:
-            k_c = fits.get(key)
-            row[key] = None if k_c is None else math.exp(k_c[1]) * world ** k_c[0]
-            if k_c is not None:
-                row[f"{key}_exponent"] = k_c[0]
+        row: dict[str, Any] = {"world": world, "extrapolated": True, **algorithm(world)}
+        row["creation_requests"] = last.get("creation_requests")
+        for key, hops in BY_HOPS.items():
+            row[key] = last[key] / last[hops] * row[hops]
+        for key, (k, c) in fits.items():
+            row[key] = math.exp(c) * world ** k
+            row[f"{key}_exponent"] = k
+        if row["creation_requests"] is not None:
+            row["store_busy_s"] = world * row["creation_requests"] * last["request_us"] / 1e6
         out.append(row)
     return out
 
@@ -243,7 +311,8 @@ def extrapolate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Side channel at scale ({results['date']}, {results['machine']}; "
              f"{results['ranks_per_node']} ranks per node, guard held {results['wait_s']} s, "
-             "liveness 30 s; *italic* rows are extrapolated)", ""]
+             "liveness 30 s; *italic* rows are extrapolated: times as counted hops x a hop's "
+             "measured cost, the rest as c x world^k through the two largest sizes)", ""]
     for label, rows in results["series"].items():
         lines += [f"**{label}**", "",
                   "| ranks | " + " | ".join(name for _, name, _ in METRICS) + " |",
@@ -265,8 +334,8 @@ def chart(results: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("fds_per_rank", "store_req_s_per_node_slow", "keys_s_per_node_slow", "op_ms")
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6))
+    keys = ("op_hops", "op_ms", "creation_s", "fds_per_rank", "store_req_s_per_node_slow")
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4))
     for ax, key in zip(axes, keys, strict=True):
         for (label, rows), color in zip(results["series"].items(), ("C0", "C1"), strict=False):
             pts = [(r["world"], r[key], r.get("extrapolated", False)) for r in rows
@@ -284,6 +353,12 @@ def chart(results: dict[str, Any], path: str) -> None:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _algorithm(rows: list[dict[str, Any]]) -> Any:
+    """:func:`counted` for the library that measured ``rows`` (told by its counts)."""
+    ring = rows[-1]["op_hops"] == counted(rows[-1]["world"], ring=True)["op_hops"]
+    return functools.partial(counted, ring=ring and rows[-1]["world"] > 2)
 
 
 def _worktree(ref: str) -> str:
@@ -337,7 +412,7 @@ def write(results: dict[str, Any], out: str) -> None:
     """scale.json, scale.md and scale.png under ``out``, extrapolations made anew."""
     for label, rows in results["series"].items():
         measured = [r for r in rows if not r.get("extrapolated")]
-        results["series"][label] = measured + extrapolate(measured)
+        results["series"][label] = measured + extrapolate(measured, _algorithm(measured))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "scale.json"), "w") as fh:
         json.dump(results, fh, indent=1)

@@ -12,6 +12,7 @@ import pytest
 import torch.distributed as dist
 
 from accel_utils import BarrierTimeoutError, FirstRankFailedError, FirstRankPerNode, resolve
+from accel_utils._side import tree
 from accel_utils.shared_dir import path_is_shared
 from tests.harness import run_distributed, run_torchrun
 
@@ -278,10 +279,15 @@ def _empty_guard_cost() -> dict:
             "store_calls": lane.pulse.requests - setup_calls, "setup_calls": setup_calls}
 
 
-def test_an_empty_guard_costs_one_small_collective_and_no_store_traffic() -> None:
+def test_an_empty_guard_costs_one_small_reduction_and_no_store_traffic() -> None:
     out = run_distributed(_empty_guard_cost, 4, nodes=2)
+    # one reduction over the tree per guard: a message from each child and to each child,
+    # one to the parent and one from it (gloo counts each send and receive)
+    messages = [2 * (len(tree.children(r, 4)) + (r > 0)) for r in range(4)]
+    assert messages == [4, 2, 4, 2]
     # setting up writes this rank's mark and node (the counting works), then nothing
-    assert all(o == {"collectives": 5, "store_calls": 0, "setup_calls": 2} for o in out), out
+    assert out == [{"collectives": 5 * m, "store_calls": 0, "setup_calls": 2}
+                   for m in messages], out
 
 
 def _probe_unwritable(path: str) -> str:

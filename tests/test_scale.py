@@ -1,7 +1,8 @@
 """Costs of the side channel that must not grow with the world, and a too-low descriptor limit.
 
-Counts only (descriptors, store requests, mark keys read), never times. The counts come from
-benchmarks/scale.py, which runs real lanes and gloo groups (ranks as threads, 8 per process).
+Counts only (hops, messages, descriptors, store requests and connections, mark keys read), never
+times. The simulated worlds come from benchmarks/scale.py, which runs real lanes and gloo groups
+(ranks as threads, 8 per process).
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -20,7 +23,10 @@ import pytest
 import torch.distributed as dist
 
 from accel_utils import FirstRankPerNode, SideChannelError, barrier_and_log, resolve
+from accel_utils._side import lane_for, tree
 from accel_utils._side.timing import POLL_S
+from accel_utils._side.wire import Kind
+from accel_utils.barriers import _barrier_with_timeout
 from tests.harness import REPO_ROOT, launch_env, run_distributed
 
 
@@ -34,7 +40,14 @@ def test_per_rank_costs_do_not_grow_with_the_world(tmp_path) -> None:
     rows = json.loads((tmp_path / "scale.json").read_text())["series"]["this tree"]
     small, large = rows[0], rows[1]
     assert (small["world"], large["world"]) == (8, 24)
-    # a lazy gloo group: two ring neighbours and the store connections, not world - 1 peers
+    # the tree: 2 x ceil(log2 world) hops, where gloo's ring all-reduce took 2 x (world - 1)
+    assert [r["op_hops"] for r in rows] == [6, 8, 20, 26, 32], rows  # 8, 24, then extrapolated
+    assert rows[-1]["world"] == 65536 and rows[-1]["creation_hops"] == 32, rows
+    # a rank sends about 2 messages per operation (one up, one to each child ...), 16 at most
+    assert all(r["msgs_mean"] < 2 for r in rows) and rows[-1]["msgs_max"] == 16, rows
+    # creating: its address, the peers' it connects to (look-ups that may poll), its mark
+    assert small["creation_requests"] <= 12 and large["creation_requests"] <= 12, rows
+    # a lazy gloo group: tree neighbours and the store connection, not world - 1 peers
     assert large["fds_per_rank"] <= 12, rows  # was 30 at 24 ranks (full mesh)
     assert large["fds_per_rank"] <= small["fds_per_rank"] + 1, rows
     # a waiting rank reads its two neighbours' marks, not everyone's: keys per request
@@ -81,3 +94,75 @@ def test_too_low_descriptor_limit_is_a_clear_error_on_every_rank(short_ranks) ->
         assert "RLIMIT_NOFILE" in res["message"] and "ulimit -n" in res["message"], res
         assert len(res["ranks"]) == 1 and res["ranks"][0] in short_ranks, res
         assert f"rank {res['ranks'][0]} cannot open" in res["message"], res
+
+
+def test_the_tree_reaches_every_member_once_within_its_depth() -> None:
+    for size in [*range(1, 300), 1024, 8191, 8192, 65536]:
+        hops = {0: 0}
+        for rank in range(1, size):  # a parent is numbered lower, so it is reached first
+            up = tree.parent(rank)
+            assert up is not None and up < rank and rank in tree.children(up, size), size
+            hops[rank] = hops[up] + 1
+        assert sum(len(tree.children(r, size)) for r in range(size)) == size - 1, size
+        assert 2 * max(hops.values()) == tree.depth(size) <= 2 * math.ceil(math.log2(size)), size
+
+
+def _or_of_every_member() -> dict:
+    lane = lane_for(dist.group.WORLD)
+    limit = timedelta(seconds=30)
+    got = [lane.run(lane.begin(), Kind.PROBE, "or", "test", limit, None,
+                    payload=1 << (dist.get_rank() + shift)).payload for shift in (0, 7)]
+    return {"got": got, "size": dist.get_world_size()}
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_an_operation_is_the_or_of_every_members_words(world) -> None:
+    for res in run_distributed(_or_of_every_member, world):
+        everyone = (1 << world) - 1
+        assert res["got"] == [everyone, everyone << 7], res
+
+
+def _store_connections() -> int:
+    """This process's open connections to the job's store (TCP, to MASTER_PORT)."""
+    port, sockets = int(os.environ["MASTER_PORT"]), set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                sockets.add(target[len("socket:["):-1])
+    count = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                fields = line.split()  # remote address:port, state (01: established), inode
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                count += fields[3] == "01" and remote_port == port and fields[9] in sockets
+    return count
+
+
+def _connections_while_the_side_channel_works() -> dict:
+    assert _barrier_with_timeout(timedelta(seconds=30))  # the process's side connection exists
+    before = _store_connections()
+    pair = dist.new_group([0, 1], backend="gloo")
+    if dist.get_rank() in (0, 1):  # a lane and a group on a subgroup
+        with FirstRankPerNode(pair):
+            pass
+    if dist.get_rank() == 1:  # a timed-out operation, then a group rebuilt for the next one
+        time.sleep(2.0)
+    late = _barrier_with_timeout(timedelta(seconds=0.5))
+    again = _barrier_with_timeout(timedelta(seconds=30))
+    loader = threading.Thread(target=barrier_and_log, args=("a thread's lane",), name="loader")
+    loader.start()
+    loader.join()
+    return {"before": before, "after": _store_connections(), "late": late, "again": again}
+
+
+def test_lanes_and_side_groups_open_no_store_connection() -> None:
+    # Each new connection costs the store's one thread a reverse-DNS look-up of the client,
+    # which stalls the whole job's store for 5 s when the resolver drops it (every time where
+    # reverse DNS is broken): lanes, groups and rebuilds use the process's one side connection.
+    out = run_distributed(_connections_while_the_side_channel_works, 4, timeout=90, fresh=True)
+    assert not any(res["late"] for res in out), out  # the rebuild path ran
+    assert all(res["again"] for res in out), out
+    for res in out:
+        assert res["before"] >= 1 and res["after"] == res["before"], out

@@ -4,8 +4,8 @@ Private to accel-utils: the guards, barriers, probes and the doctor use what thi
 exports, nobody imports its modules' insides. One module per concept:
 
 * :mod:`.lane`: the state machine. Each parent group (and thread) has a lane whose numbered
-  operations (one all-reduce each) every member enters in the same order; its gloo group is
-  created lazily, and parked and rebuilt after a failure.
+  operations (one reduction each, over a tree) every member enters in the same order; its gloo
+  group is created lazily, and parked and rebuilt after a failure.
 * :mod:`.wire`: what travels: the operation word, the heartbeat mark, the failure record.
 * :mod:`.heartbeat`: one thread per lane that beats while an operation lasts, reads alarms and
   makes every store call with a deadline.

@@ -1,7 +1,7 @@
 """Gloo side groups themselves: creation with few sockets, descriptor limits, parking.
 
 The protocol lives in :mod:`accel_utils._side.lane`; this module knows how a
-gloo group is made (lazily connected, so a rank holds sockets to its ring neighbours only), how
+gloo group is made (lazily connected, so a rank holds sockets to its tree neighbours only), how
 to tell a process that has no descriptors left for one, how to wait on its operations a slice at
 a time, and where abandoned groups go: parked in a daemon thread's frame, destroyed only once
 nothing of them is busy (a gloo group's destructor waits for its pending operations, which would
@@ -16,6 +16,7 @@ import os
 import queue
 import resource
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -23,7 +24,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-_FDS_PER_GROUP = 16  # a lazy side group holds ~6 (a store connection, a listener, 2 ring pairs)
+from accel_utils._side.tree import reduce_or
+
+_WAIT_POLL_MAX_S = 1.0  # the slowest pace at which gloo's store waits look for a late peer
+_FDS_PER_GROUP = 16  # a lazy side group holds ~5 (a listener, 2 tree pairs on average, ...)
 _FREE_POLL_S = 1.0  # how often the keeper looks for parked groups it may free
 
 
@@ -58,13 +62,13 @@ class _Keeper:
         while True:
             with contextlib.suppress(queue.Empty):
                 kept.append(self._inbox.get(timeout=_FREE_POLL_S))
-            busy = [item for item in kept if not _succeeded(item[1])]
+            busy = [item for item in kept if not succeeded(item[1])]
             if len(busy) < len(kept):
                 self.freed += len(kept) - len(busy)
                 kept = busy  # the last references to the others go: their groups end here
 
 
-def _succeeded(work: Any) -> bool:
+def succeeded(work: Any) -> bool:
     """Whether ``work`` (a parked group's last operation) completed without an error."""
     try:
         return work is not None and work.is_completed() and work.exception() is None
@@ -91,6 +95,54 @@ def held_count() -> int:
     return _keeper.count - _keeper.freed
 
 
+class WaitlessStore(dist.Store):  # type: ignore[misc,name-defined]  # stubs lack Store
+    """A store connection as gloo sees it: ``wait`` looks for the keys (``check``) at a
+    slowing pace instead of holding the connection in a server-side wait.
+
+    Gloo waits for a peer's address in the store before its first message to that peer. A
+    server-side wait would block the connection until a late peer arrives, so every group would
+    need a connection of its own; each new connection costs the store's one thread a reverse-DNS
+    look-up (see :func:`connect_gloo`). Polling lets every group, the heartbeats and the sign of
+    life share the process's one side connection. Its load stays small: only the members next to
+    a late peer in the tree poll, within a second ten times, then once a second.
+
+    Gloo calls back into this object from C++, which fails once its Python object is gone: whoever
+    holds a group made on it holds it too (the lane, the group's :class:`~.tree.Tree`, parking).
+    """
+
+    def __init__(self, store: Any) -> None:
+        super().__init__()
+        self._store = store
+        self.requests = 0  # for the scale benchmark
+
+    def set(self, key: str, value: Any) -> None:
+        self.requests += 1
+        self._store.set(key, value)
+
+    def get(self, key: str) -> bytes:
+        self.requests += 1
+        return bytes(self._store.get(key))
+
+    def check(self, keys: list[str]) -> bool:
+        self.requests += 1
+        return bool(self._store.check(keys))
+
+    def add(self, key: str, value: int) -> int:
+        self.requests += 1
+        return int(self._store.add(key, value))
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        limit = (timeout or self._store.timeout).total_seconds()
+        deadline, pause = time.monotonic() + limit, 0.001
+        while not self.check(keys):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"waited {limit:g}s for {', '.join(keys)} in the job's store: "
+                                   "a member did not create the side group")
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, _WAIT_POLL_MAX_S)
+
+
 def descriptors_short(rank: int, need: int = 0) -> str:
     """Why this process cannot open a side group's sockets ("" when it can, or cannot tell)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -113,12 +165,21 @@ def descriptors_short(rank: int, need: int = 0) -> str:
 
 
 def connect_gloo(store: Any, rank: int, size: int, limit: timedelta) -> Any:
-    """A gloo group whose members connect only to the peers its all-reduce uses.
+    """A gloo group whose members connect only to the peers the side channel's tree uses.
 
     Gloo connects every pair at creation by default: ``size - 1`` sockets per process, which
-    at thousands of ranks exhausts descriptor limits. Lazily, its ring all-reduce connects each
-    member to its two neighbours; one all-reduce here makes those connections (and makes the
-    creation a rendezvous of all members again), so no later operation has to wait for them.
+    at thousands of ranks exhausts descriptor limits. Lazily, a member connects to a peer when
+    it first sends to or receives from it; one reduction over the tree (:mod:`.tree`) here makes
+    those connections, ``log2`` of the members deep (gloo's ring would make them one after the
+    other, ``size`` deep), and makes the creation a rendezvous of all members again.
+
+    ``store`` is a :class:`WaitlessStore` over the process's side connection, under the group's
+    prefix: creating a group opens no store connection. New connections are what made creation
+    slow at scale: the job's store (torch's TCPStore server) resolves every new client's address
+    back to a host name (``getnameinfo`` without ``NI_NUMERICHOST``) on its one event-loop
+    thread, so one reverse-DNS query that the resolver drops stalls the whole store for the
+    resolver's timeout (5 s by default; seen here on 1 query in ~200, and it would be every
+    query where reverse DNS is broken).
     """
     gloo: Any = dist.ProcessGroupGloo  # the stubs lack _Options and the backend's collectives
     options = gloo._Options()
@@ -127,9 +188,7 @@ def connect_gloo(store: Any, rank: int, size: int, limit: timedelta) -> Any:
     options._devices = ([gloo.create_device(interface=n, lazy_init=True) for n in names]
                         or [gloo.create_default_device(lazy_init=True)])
     group = gloo(store, rank, size, options)
-    opts = dist.AllreduceOptions()
-    opts.reduceOp = dist.ReduceOp.BOR  # type: ignore[assignment]  # stubs: RedOpType
-    group.allreduce([torch.zeros(1, dtype=torch.int64)], opts).wait()
+    reduce_or(group, rank, size, torch.zeros(1, dtype=torch.int64), limit)
     return group
 
 

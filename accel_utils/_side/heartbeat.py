@@ -2,21 +2,22 @@
 
 While this rank is inside a side-channel operation (a guard's block, a wait) for longer than
 ``BEAT_AFTER_S``, the thread beats: it writes this rank's :class:`~.wire.Mark` into the job's
-store and reads the marks of the members it watches, its two ring neighbours (everyone's, once
-one of them falls silent, so that a verdict names every silent member). The waiting thread
-then judges from those observations alone, so it never blocks on the store itself. A quick
-operation costs the thread nothing: it only looks at a field every ``POLL_S``.
+store and reads the marks of the members it watches, its two neighbours in rank order
+(everyone's, once one of them falls silent, so that a verdict names every silent member). The
+waiting thread then judges from those observations alone, so it never blocks on the store
+itself. A quick operation costs the thread nothing: it only looks at a field every ``POLL_S``.
 
 The store load of a long wait is bounded per rank whatever the world size: two requests per
 beat (its mark; one read of the watched marks and the lane's alarm counter), at the pace of
 :func:`~.timing.beat_interval`. Whoever publishes a failure record, or needs everyone's marks
 fresh (a *wake*), raises an alarm: the counter goes up, every member reads the record at its
-next beat and beats fast again for ``FAST_S``. (A connection held in a server-side ``wait``
-would make the alarm instant, but measured on torch 2.13 it stalls gloo's lazy connections by 5 s.)
+next beat and beats fast again for ``FAST_S``. (A server-side ``wait`` would make the alarm
+instant, but it holds its connection, so every lane would need one of its own, and each new
+connection can stall the whole store: see :func:`~.gloo.connect_gloo`.)
 
-Every store call runs on this thread, over a connection of its own (a store call on a
-partitioned host blocks for ~15 minutes whatever its timeout): callers wait at most a deadline
-and then say that the job's store is lost.
+Every store call runs on this thread, over the process's side connection
+(:func:`~.life.connection`; a store call on a partitioned host blocks for ~15 minutes whatever
+its timeout): callers wait at most a deadline and then say that the job's store is lost.
 """
 
 from __future__ import annotations
@@ -63,11 +64,11 @@ class Pulse:
     """The heartbeat and store thread of one side channel (see the module docstring).
 
     Args:
-        store: a store connection used by this thread only.
+        store: the lane's share of the job's store (made calls only from this thread).
         rank: this member's rank in the parent group.
         size: the number of members.
         name: for the thread's name.
-        root: the job's store itself (no prefix) on this thread's connection, where every
+        root: the job's store itself (no prefix) on the same connection, where every
             process's sign of life is (see :mod:`~accel_utils._side.life`); None: not read.
         global_ranks: each member's global rank, in group rank order (with ``root``).
     """

@@ -2,8 +2,9 @@
 
 Every guard, barrier and probe is an *operation* on its parent group's lane. Each member numbers
 the operations it enters, so all members agree on the number ``seq`` of every call, failed ones
-included. An operation is one all-reduce of a few words (:class:`~.wire.Call`), so a mismatch
-raises on every rank instead of pairing the wrong calls.
+included. An operation is one reduction (OR) of a few words (:class:`~.wire.Call`) over a
+binomial tree (:mod:`.tree`), so a mismatch raises on every rank instead of pairing the wrong
+calls, and its critical path is ``2 log2`` of the members deep.
 
 The gloo group is created by the first operation that needs it, under a store prefix named
 after that operation, and is never reused after a failure: every member that fails an operation
@@ -22,11 +23,17 @@ from datetime import timedelta
 from typing import Any, NoReturn
 
 import torch
-import torch.distributed as dist
 from torch.distributed.distributed_c10d import PrefixStore
 
 from accel_utils._side.diagnosis import Diagnosis
-from accel_utils._side.gloo import connect_gloo, descriptors_short, finished, park, set_timeout
+from accel_utils._side.gloo import (
+    WaitlessStore,
+    connect_gloo,
+    descriptors_short,
+    finished,
+    park,
+    set_timeout,
+)
 from accel_utils._side.heartbeat import Pulse, store_lost
 from accel_utils._side.timing import (
     GRACE_S,
@@ -35,6 +42,7 @@ from accel_utils._side.timing import (
     store_deadline,
     unresponsive_window,
 )
+from accel_utils._side.tree import Tree
 from accel_utils._side.wire import Call, Failure, Kind, Phase, Record, Reduced
 from accel_utils.errors import SideChannelError, describe
 
@@ -53,10 +61,11 @@ class Lane:
     rank: int  # within the parent group
     size: int
     ranks: frozenset[int]  # the members' global ranks, to tell overlapping groups apart
-    base: Any  # the lane's share of the job's store (a PrefixStore)
+    link: WaitlessStore  # the lane's share of the job's store, as its gloo groups use it
     pulse: Pulse
     seq: int = 0  # operations entered; every member enters the same ones in the same order
     group: Any = None  # the current gloo group, None until (re)created
+    tree: Tree | None = None  # the thread that runs the current group's operations
     gen: int = 0  # the seq whose prefix the current group was created under
     timeout: timedelta | None = None  # the gloo group's current timeout
     work: Any = None  # the operation in flight, parked with the group on a failure
@@ -166,10 +175,9 @@ class Lane:
         if self.timeout != limit:  # else a wait that gave up would leave its operation pending
             set_timeout(self.group, limit)
             self.timeout = limit
-        opts = dist.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.BOR  # type: ignore[assignment]  # stubs: RedOpType
         tensor = torch.tensor(words, dtype=torch.int64)
-        self.work = self.group.allreduce([tensor], opts)
+        assert self.tree is not None  # made with the group
+        self.work = self.tree.reduce_or(tensor, limit)
         return tensor
 
     def connect(self, seq: int, what: str, limit: timedelta, liveness: float | None) -> None:
@@ -190,14 +198,12 @@ class Lane:
 
     def _create(self, seq: int, what: str, limit: timedelta, liveness: float | None) -> None:
         box: dict[str, Any] = {}
-        base, rank, size = self.base, self.rank, self.size
+        link, rank, size = self.link, self.rank, self.size
         self._short_of_descriptors(seq, what, liveness)
 
-        def build() -> None:  # on its own connection: a rendezvous blocks its store client
+        def build() -> None:
             try:
-                store = PrefixStore(f"g{seq}", base.clone() if hasattr(base, "clone")
-                                         else base)
-                box["group"] = connect_gloo(store, rank, size, limit)
+                box["group"] = connect_gloo(PrefixStore(f"g{seq}", link), rank, size, limit)
             except Exception as exc:  # noqa: BLE001 - reported by the watching thread
                 box["error"] = exc
 
@@ -230,6 +236,7 @@ class Lane:
             park(thread, box)  # it may still connect later: never free that group
             raise
         self.group, self.timeout = box["group"], limit
+        self.tree = Tree(self.group, rank, size, keep=link)
         logger.debug("created gloo side group g%d for %s", seq, self.name)
 
     def _watch(self, done: Callable[[timedelta], Any], seq: int, what: str,
@@ -293,8 +300,10 @@ class Lane:
     def abandon(self) -> None:
         """Stop using the group (it may hold a pending operation): park it, build anew later."""
         if self.group is not None:
-            park(self.group, work=self.done if self.work is None else self.work)
-        self.group, self.work, self.done, self.timeout = None, None, None, None
+            park(self.group, self.link, work=self.done if self.work is None else self.work)
+        if self.tree is not None:
+            self.tree.close()
+        self.group, self.tree, self.work, self.done, self.timeout = None, None, None, None, None
 
     def fail(self, record: Record, cause: BaseException | None = None,
              liveness: float | None = None) -> NoReturn:

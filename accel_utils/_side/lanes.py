@@ -18,6 +18,7 @@ from torch.distributed.distributed_c10d import PrefixStore
 
 from accel_utils._identity_cache import IdentityCache
 from accel_utils._side import life
+from accel_utils._side.gloo import WaitlessStore
 from accel_utils._side.heartbeat import Pulse
 from accel_utils._side.lane import Lane
 from accel_utils._side.wire import Mark, Phase, mark_key
@@ -50,14 +51,13 @@ def lane_for(parent: dist.ProcessGroup, purpose: str = "") -> Lane:
                 "timeout. Name the thread the same on every rank: threading.Thread(name=...), "
                 "ThreadPoolExecutor(thread_name_prefix=...)", tag)
         name = parent.group_name + (f"/thread:{tag}" if tag else "")
-        root = life.root_store(parent.get_group_store())
-        connection = root.clone()  # the pulse thread's own: its calls may block for minutes
-        base = PrefixStore(f"accel_utils/side/{name}", root)
+        connection = life.connection()  # the process's one: no new connection per lane
+        prefix = f"accel_utils/side/{name}"
         rank, size = dist.get_rank(parent), dist.get_world_size(parent)
         members = dist.get_process_group_ranks(parent)
-        pulse = Pulse(PrefixStore(f"accel_utils/side/{name}", connection), rank, size, name,
-                      connection, members)
-        lane = lanes[tag] = Lane(name, rank, size, frozenset(members), base, pulse)
+        pulse = Pulse(PrefixStore(prefix, connection), rank, size, name, connection, members)
+        link = WaitlessStore(PrefixStore(prefix, connection))
+        lane = lanes[tag] = Lane(name, rank, size, frozenset(members), link, pulse)
         lane.pulse.store(lambda s: s.set(mark_key(rank), str(Mark(0, Phase.NONE, 0))), None)
     return lane
 
@@ -67,8 +67,7 @@ def close(parent: dist.ProcessGroup, purpose: str) -> None:
     lanes: dict[str, Lane] | None = _lanes.get(parent)
     lane = None if lanes is None else lanes.pop(purpose, None)
     if lane is not None:  # nothing is pending on its group: freed now, not at exit
-        lane.pulse.stop()
-        lane.group = lane.work = None
+        _release(lane)
 
 
 def side_group(parent: dist.ProcessGroup, limit: timedelta, what: str = "side group") -> Any:
@@ -89,5 +88,12 @@ def release_all() -> None:
     """Forget every lane (stopping its thread), so that its groups end now, not at exit."""
     for lanes in _lanes.values():
         for lane in lanes.values():
-            lane.pulse.stop()
+            _release(lane)
     _lanes.clear()
+
+
+def _release(lane: Lane) -> None:
+    lane.pulse.stop()
+    if lane.tree is not None:
+        lane.tree.close()
+    lane.group = lane.tree = lane.work = None

@@ -4,7 +4,8 @@ A lane's heartbeat runs only inside an operation, so it cannot tell a member tha
 its first guard from one that is still loading data. This beat can: one daemon thread, started
 at ``import accel_utils``, waits (without importing anything) for ``torch.distributed`` to have
 a default group, then writes ``count pid host`` under ``accel_utils/life/<global rank>`` in the
-job's store every ``LIFE_BEAT_S``, on a store connection of its own, until that group is
+job's store every ``LIFE_BEAT_S``, on the process's side connection (:func:`connection`),
+which it opens, until that group is
 destroyed; a new default group (a new launch in a reused process) starts it again. Waiting
 members read the marks of watched members that have not arrived (see
 :class:`~accel_utils._side.heartbeat.Pulse`): a mark that stands still means the process
@@ -117,7 +118,7 @@ class _Beat:
                 world, store, count = current, None, 0
                 if world is not None:
                     try:
-                        store, rank = _own_store(world)
+                        store, rank = connection(), sys.modules["torch.distributed"].get_rank()
                     except Exception:  # noqa: BLE001 - destroyed meanwhile: look again next time
                         world = None
             if store is None:
@@ -157,9 +158,28 @@ def _default_group() -> Any:
     return dist.group.WORLD
 
 
-def _own_store(world: Any) -> tuple[Any, int]:
-    dist = sys.modules["torch.distributed"]
-    return root_store(world.get_group_store()).clone(), dist.get_rank()
+_shared: tuple[Any, Any] = (None, None)  # (a default group, its side connection)
+_shared_lock = threading.Lock()
+
+
+def connection() -> Any:
+    """This process's side connection to the job's store, opened once per default group by
+    whoever asks first: this thread, soon after the group's creation, or a first lane.
+
+    Every side-channel request of the process goes over it (signs of life, heartbeats, gloo's
+    address look-ups), none of them waiting in the store, so none blocks the others for long;
+    torch's own connection is left to torch, whose waits would. One connection, not one per
+    lane or group: each new one costs the store a reverse-DNS look-up (see
+    :func:`accel_utils._side.gloo.connect_gloo`).
+    """
+    global _shared
+    world = _default_group()
+    if world is None:
+        raise RuntimeError("no default process group: the side channel needs the job's store")
+    with _shared_lock:
+        if _shared[0] is not world:
+            _shared = (world, root_store(world.get_group_store()).clone())
+        return _shared[1]
 
 
 def root_store(store: Any) -> Any:

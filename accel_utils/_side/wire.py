@@ -1,6 +1,6 @@
 """What travels between members: the operation word, the heartbeat mark, the failure record.
 
-* The **words**: each member's share of an operation's one all-reduce (bitwise OR) of seven
+* The **words**: each member's share of an operation's one reduction (bitwise OR) of seven
   int64s. Three carry the call's identity (kind and ``seq``; a 128-bit BLAKE2b digest of the
   label), three the same inverted: two members in different calls leave a bit set in both a word
   and its inverse, so a mismatch shows in the OR on every rank. The identity is whole (every

@@ -1,0 +1,158 @@
+"""The side channel's reduction: the OR of a few words over a binomial tree of point-to-point
+messages, so that an operation's critical path grows with ``log2`` of the members, not with them.
+
+Gloo's own all-reduce is a ring: ``2 (n - 1)`` messages one after the other, 63 ms at 256 ranks
+on one machine and seconds at thousands. Here every member sends its words, OR-ed with those of
+its subtree, to its parent; member 0 then holds the OR of all and sends it back down the same
+tree: at most ``ceil(log2 n)`` hops up and as many down. A member talks to its parent and its
+children only, so with gloo's lazy connections it holds two sockets on average
+(``ceil(log2 n)`` at member 0). Ranks of a node are numbered together under every launcher, so
+the tree's lowest levels, where most messages go, stay inside a node.
+
+A daemon thread per group sends and receives (a point-to-point wait cannot be taken a slice at
+a time), so an operation goes on after its caller stopped waiting on it, as gloo's own
+collectives do: a failing first rank that only contributes still passes its subtree's words on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+_UP, _DOWN = 1, 2  # message tags: a subtree's words going up, the result coming down
+
+
+def parent(rank: int) -> int | None:
+    """``rank``'s parent in the tree (its lowest set bit cleared); None for member 0."""
+    return rank & (rank - 1) if rank else None
+
+
+def children(rank: int, size: int) -> list[int]:
+    """``rank``'s children, nearest (smallest subtree) first."""
+    lowest = rank & -rank if rank else 1 << size.bit_length()
+    out, bit = [], 1
+    while bit < lowest and rank + bit < size:
+        out.append(rank + bit)
+        bit <<= 1
+    return out
+
+
+def depth(size: int) -> int:
+    """Sequential message hops on an operation's critical path: up the tree and down again.
+
+    A rank is as many hops below member 0 as it has bits set, so the tree is as high as the
+    most bits set in a rank below ``size``: at most ``ceil(log2 size)``.
+    """
+    top = size - 1
+    return 2 * max(top.bit_length() - 1, top.bit_count())  # 2**(bits-1) - 1: one bit fewer
+
+
+def reduce_or(group: Any, rank: int, size: int, tensor: torch.Tensor,
+              timeout: timedelta) -> None:
+    """Replace ``tensor`` (int64 words) by the OR of every member's, in place; blocks.
+
+    Raises:
+        RuntimeError: gloo's error: a lost peer, or ``timeout`` ran out (gloo then closes the
+            group's connections, so its peers stop waiting too).
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+
+    def wait(work: Any) -> None:  # a point-to-point wait knows no group timeout: give it ours
+        work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+
+    kids = children(rank, size)
+    parts = [torch.empty_like(tensor) for _ in kids]
+    works = [group.recv([part], kid, _UP) for part, kid in zip(parts, kids, strict=True)]
+    for work, part in zip(works, parts, strict=True):
+        wait(work)
+        tensor.bitwise_or_(part)
+    up = parent(rank)
+    if up is not None:
+        wait(group.send([tensor], up, _UP))
+        wait(group.recv([tensor], up, _DOWN))
+    for work in [group.send([tensor], kid, _DOWN) for kid in reversed(kids)]:  # widest first
+        wait(work)
+
+
+class Work:
+    """An operation run by a :class:`Tree`'s thread, waited on like a gloo work."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        """Wait until the operation ends (at most ``timeout``); raises its error.
+
+        Raises:
+            RuntimeError: the timeout ran out first (:meth:`is_completed` is still False), or
+                the operation's own error (a lost peer, gloo's timeout).
+        """
+        if not self._done.wait(None if timeout is None else timeout.total_seconds()):
+            raise RuntimeError(f"side-channel operation still running after {timeout}")
+        if self._error is not None:
+            raise self._error
+        return True
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+    def _end(self, error: BaseException | None) -> None:
+        self._error = error
+        self._done.set()
+
+
+_Jobs = queue.SimpleQueue["tuple[torch.Tensor, timedelta, Work] | None"]
+
+
+class Tree:
+    """The reductions of one gloo group, run in order by a daemon thread of its own."""
+
+    def __init__(self, group: Any, rank: int, size: int, keep: Any = None) -> None:
+        self._jobs: _Jobs = queue.SimpleQueue()
+        self._last: Work | None = None
+        self._thread = threading.Thread(target=_serve, args=(self._jobs, group, rank, size, keep),
+                                        name="accel-utils-tree", daemon=True)
+        self._thread.start()
+
+    def reduce_or(self, tensor: torch.Tensor, timeout: timedelta) -> Work:
+        """Start the OR of every member's ``tensor`` (in place, within ``timeout``); its
+        :class:`Work`."""
+        work = self._last = Work()
+        self._jobs.put((tensor, timeout, work))
+        return work
+
+    def close(self) -> None:
+        """End the thread once the operations started so far have ended.
+
+        An idle thread is waited for, so that its reference to the group is gone before the
+        caller drops its own: the group must not be destroyed on this daemon thread, whose
+        destructor releases the GIL and, if the interpreter finalizes meanwhile, ends the
+        process with ``terminate called without an active exception``.
+        """
+        self._jobs.put(None)
+        if self._last is None or self._last.is_completed():
+            self._thread.join(timeout=1.0)
+
+
+def _serve(jobs: _Jobs, group: Any, rank: int, size: int, keep: Any) -> None:
+    # A function, not a method: the thread must not keep its Tree alive; it keeps ``keep``
+    # (the store the group calls back into) as long as the group.
+    while (job := jobs.get()) is not None:
+        tensor, timeout, work = job
+        try:
+            reduce_or(group, rank, size, tensor, timeout)
+        except RuntimeError as exc:  # gloo's errors (DistError is one)
+            work._end(exc)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiter as gloo's would be
+            work._end(RuntimeError(f"side-channel operation failed: {exc!r}"))
+        else:
+            work._end(None)
