@@ -133,9 +133,9 @@ def make_lane(rank: int, world: int, client: Any, counts: dict[str, int]) -> tup
     from accel_utils._side.wire import Mark, Phase, mark_key
 
     prefix = "accel_utils/side/scale"
-    if hasattr(gloo, "gloo_store"):  # one connection per process, shared
-        seen = gloo.gloo_store(client)
-        link, pulse_conn = PrefixStore(prefix, seen), client
+    if hasattr(gloo, "WaitlessStore"):  # one connection per process, shared
+        seen = link = gloo.WaitlessStore(PrefixStore(prefix, client))
+        pulse_conn = client
     else:  # before: a connection per lane for its heartbeat, one per group (cloned from link)
         seen, link, pulse_conn = None, PrefixStore(prefix, client), client.clone()
     pulse = Pulse(CountingStore(PrefixStore(prefix, pulse_conn), counts), rank, world,

@@ -45,7 +45,7 @@ def _late_mark(rank: int, delay: float) -> None:
     from accel_utils._side import lane_for
     from accel_utils._side.wire import Mark, mark_key
 
-    base = lane_for(dist.group.WORLD).base
+    base = lane_for(dist.group.WORLD).link
 
     def write() -> None:
         time.sleep(delay)
