@@ -265,10 +265,12 @@ def summarize(world: int, nodes: int, reports: list[dict[str, Any]]) -> dict[str
 
 METRICS = (("op_hops", "empty op: hops (counted)", "{:,.0f}"),
            ("op_ms", "empty operation (ms)", "{:.2f}"),
+           ("op_ms_per_core", "same, a core per rank (ms)", "{:.2f}"),
            ("msgs_mean", "messages sent / rank / op, mean", "{:.2f}"),
            ("msgs_max", "most", "{:,.0f}"),
            ("creation_hops", "creation: hops (counted)", "{:,.0f}"),
            ("creation_s", "side-group creation (s)", "{:.2f}"),
+           ("creation_s_per_core", "same, a core per rank (s)", "{:.3f}"),
            ("creation_requests", "store requests / rank to create", "{:.1f}"),
            ("store_busy_s", "store's work at creation (s)", "{:.2f}"),
            ("fds_per_rank", "descriptors / rank", "{:.1f}"),
@@ -279,11 +281,14 @@ BY_HOPS = {"op_ms": "op_hops", "creation_s": "creation_hops"}  # time = counted 
 COUNTED = ("op_hops", "creation_hops", "msgs_mean", "msgs_max", "creation_requests")
 
 
-def extrapolate(rows: list[dict[str, Any]], algorithm: Any) -> list[dict[str, Any]]:
+def extrapolate(rows: list[dict[str, Any]], algorithm: Any,
+                per_hop: dict[str, float] | None) -> list[dict[str, Any]]:
     """The larger worlds: counts from ``algorithm`` (:func:`counted` of the series' library),
-    latency and creation as counted hops x the cost of a hop at the largest measured size, the
-    store's work at creation as ranks x requests per rank x one request's round trip, the rest
-    as ``c * world**k`` through the two largest measured sizes (``k`` ~0: flat; ~1: linear).
+    latency and creation as counted hops x the cost of a hop, at the largest measured size (all
+    ranks on this machine's cores: an upper bound) and where a rank has a core of its own
+    (``per_hop``, measured on 2 processes); the store's work at creation as ranks x requests
+    per rank x one request's round trip; the rest as ``c * world**k`` through the two largest
+    measured sizes (``k`` ~0: flat; ~1: linear).
     """
     last = rows[-1]
     fits = {}
@@ -299,6 +304,8 @@ def extrapolate(rows: list[dict[str, Any]], algorithm: Any) -> list[dict[str, An
         row["creation_requests"] = last.get("creation_requests")
         for key, hops in BY_HOPS.items():
             row[key] = last[key] / last[hops] * row[hops]
+            if per_hop is not None:
+                row[f"{key}_per_core"] = per_hop[key] * row[hops]
         for key, (k, c) in fits.items():
             row[key] = math.exp(c) * world ** k
             row[f"{key}_exponent"] = k
@@ -312,7 +319,12 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"Side channel at scale ({results['date']}, {results['machine']}; "
              f"{results['ranks_per_node']} ranks per node, guard held {results['wait_s']} s, "
              "liveness 30 s; *italic* rows are extrapolated: times as counted hops x a hop's "
-             "measured cost, the rest as c x world^k through the two largest sizes)", ""]
+             "measured cost (at the largest size, every rank on this machine's cores; and on 2 "
+             "processes of 1 rank, a core per rank), the rest as c x world^k through the two "
+             "largest sizes)", ""]
+    for label, hop in results.get("per_hop", {}).items():
+        lines.insert(-1, f"- {label}: a hop costs {1e3 * hop['op_ms']:.0f} us in an operation, "
+                         f"{1e3 * hop['creation_s']:.2f} ms in a creation, a core per rank")
     for label, rows in results["series"].items():
         lines += [f"**{label}**", "",
                   "| ranks | " + " | ".join(name for _, name, _ in METRICS) + " |",
@@ -334,7 +346,7 @@ def chart(results: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("op_hops", "op_ms", "creation_s", "fds_per_rank", "store_req_s_per_node_slow")
+    keys = ("op_hops", "op_ms", "op_ms_per_core", "creation_s", "fds_per_rank")
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4))
     for ax, key in zip(axes, keys, strict=True):
         for (label, rows), color in zip(results["series"].items(), ("C0", "C1"), strict=False):
@@ -392,7 +404,16 @@ def main() -> None:
     if args.baseline:
         variants[f"baseline {args.baseline}"] = _worktree(args.baseline)
     series: dict[str, list[dict[str, Any]]] = {}
+    # a hop's cost where every rank has a core of its own: 2 processes of 1 rank
+    probe_args = argparse.Namespace(**{**vars(args), "ranks_per_node": 1, "ops": 200,
+                                       "wait": 1.0})
+    hops: dict[str, dict[str, Any]] = {}
     try:
+        for label, tree in variants.items():
+            probe = simulate(2, probe_args, tree)
+            hops[label] = {"op_ms": probe["op_ms"] / probe["op_hops"],
+                           "creation_s": probe["creation_s"] / probe["creation_hops"]}
+            print(label, "per hop, a core per rank:", json.dumps(hops[label]), flush=True)
         for world in args.world_sizes:
             for label, tree in variants.items():  # side by side, per world size
                 row = simulate(world, args, tree)
@@ -404,7 +425,8 @@ def main() -> None:
                 subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", tree],
                                capture_output=True)
     write({"date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} cores",
-           "ranks_per_node": args.ranks_per_node, "wait_s": args.wait, "series": series},
+           "ranks_per_node": args.ranks_per_node, "wait_s": args.wait, "series": series,
+           "per_hop": hops},
           args.out)
 
 
@@ -412,7 +434,8 @@ def write(results: dict[str, Any], out: str) -> None:
     """scale.json, scale.md and scale.png under ``out``, extrapolations made anew."""
     for label, rows in results["series"].items():
         measured = [r for r in rows if not r.get("extrapolated")]
-        results["series"][label] = measured + extrapolate(measured, _algorithm(measured))
+        results["series"][label] = measured + extrapolate(
+            measured, _algorithm(measured), results.get("per_hop", {}).get(label))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "scale.json"), "w") as fh:
         json.dump(results, fh, indent=1)

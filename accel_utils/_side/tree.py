@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-_UP, _DOWN = 1, 2  # message tags: a subtree's words going up, the result coming down
+_UP, _DOWN = 0x5A1, 0x5A2  # message tags (words going up, the result coming down), apart
+# from the small ones that torch's own point-to-point uses (monitored_barrier: 1 and 2)
 
 
 def parent(rank: int) -> int | None:
