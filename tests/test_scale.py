@@ -104,6 +104,9 @@ def test_the_tree_reaches_every_member_once_within_its_depth() -> None:
             assert up is not None and up < rank and rank in tree.children(up, size), size
             hops[rank] = hops[up] + 1
         assert sum(len(tree.children(r, size)) for r in range(size)) == size - 1, size
+        for rank in range(size):  # a subtree is the contiguous range of ranks a gather sends up
+            assert tree.span(rank, size) == 1 + sum(tree.span(c, size)
+                                                    for c in tree.children(rank, size)), size
         assert 2 * max(hops.values()) == tree.depth(size) <= 2 * math.ceil(math.log2(size)), size
 
 
@@ -120,6 +123,20 @@ def test_an_operation_is_the_or_of_every_members_words(world) -> None:
     for res in run_distributed(_or_of_every_member, world):
         everyone = (1 << world) - 1
         assert res["got"] == [everyone, everyone << 7], res
+
+
+def _gather_of_every_member() -> list[bytes]:
+    lane = lane_for(dist.group.WORLD)
+    rank, limit = dist.get_rank(), timedelta(seconds=30)
+    first = lane.gather(lane.begin(), "test", b"x" * rank, limit, None)  # rank 0's is empty
+    assert lane.gather(lane.begin(), "test", b"", limit, None) == [b""] * dist.get_world_size()
+    return first
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_a_gather_brings_every_members_bytes_in_rank_order(world) -> None:
+    for res in run_distributed(_gather_of_every_member, world):
+        assert res == [b"x" * r for r in range(world)], res
 
 
 def _store_connections() -> int:
