@@ -60,8 +60,8 @@ class _Keeper:
     def _hold(self) -> None:
         kept: list[tuple[tuple[Any, ...], Any]] = []
         while True:
-            with contextlib.suppress(queue.Empty):
-                kept.append(self._inbox.get(timeout=_FREE_POLL_S))
+            with contextlib.suppress(queue.Empty):  # idle: sleep until something is parked
+                kept.append(self._inbox.get(timeout=_FREE_POLL_S if kept else None))
             busy = [item for item in kept if not succeeded(item[1])]
             if len(busy) < len(kept):
                 self.freed += len(kept) - len(busy)
@@ -96,23 +96,30 @@ def held_count() -> int:
 
 
 class WaitlessStore(dist.Store):  # type: ignore[misc,name-defined]  # stubs lack Store
-    """A store connection as gloo sees it: ``wait`` looks for the keys (``check``) at a
-    slowing pace instead of holding the connection in a server-side wait.
+    """A store connection as gloo sees it: ``wait`` looks for the keys at a slowing pace instead
+    of holding the connection in a server-side wait, and a key found is read in that request.
 
-    Gloo waits for a peer's address in the store before its first message to that peer. A
-    server-side wait would block the connection until a late peer arrives, so every group would
-    need a connection of its own; each new connection costs the store's one thread a reverse-DNS
-    look-up (see :func:`connect_gloo`). Polling lets every group, the heartbeats and the sign of
-    life share the process's one side connection. Its load stays small: only the members next to
-    a late peer in the tree poll, within a second ten times, then once a second.
+    Gloo waits for a peer's address in the store before its first message to that peer, then
+    reads it. A server-side wait would block the connection until a late peer arrives, so every
+    group would need a connection of its own; each new connection costs the store's one thread
+    a reverse-DNS look-up (see :func:`connect_gloo`). Polling lets every group, the heartbeats
+    and the sign of life share the process's one side connection. Its load stays small: only the
+    members next to a late peer in the tree poll, within a second ten times, then once a second.
+    A look-up is one request (a ``compare_set`` that cannot match returns the value, where
+    ``check`` then ``get`` would be three: torch's ``get`` waits first), so creating a group
+    costs the store about four requests per rank.
 
-    Gloo calls back into this object from C++, which fails once its Python object is gone: whoever
-    holds a group made on it holds it too (the lane, the group's :class:`~.tree.Tree`, parking).
+    Gloo calls back into this object from C++, which fails once its Python object is gone:
+    whoever holds a group made on it holds it too (the lane, the group's :class:`~.tree.Tree`,
+    parking).
     """
+
+    _ABSENT = b"\0accel-utils: no such key\0"  # what a look-up of a missing key returns
 
     def __init__(self, store: Any) -> None:
         super().__init__()
         self._store = store
+        self._found: dict[str, bytes] = {}  # values read by wait, for the get that follows
         self.requests = 0  # for the scale benchmark
 
     def set(self, key: str, value: Any) -> None:
@@ -120,12 +127,14 @@ class WaitlessStore(dist.Store):  # type: ignore[misc,name-defined]  # stubs lac
         self._store.set(key, value)
 
     def get(self, key: str) -> bytes:
+        found = self._found.pop(key, None)
+        if found is not None:
+            return found
         self.requests += 1
         return bytes(self._store.get(key))
 
     def check(self, keys: list[str]) -> bool:
-        self.requests += 1
-        return bool(self._store.check(keys))
+        return all(self._look_up(key) for key in keys)
 
     def add(self, key: str, value: int) -> int:
         self.requests += 1
@@ -141,6 +150,17 @@ class WaitlessStore(dist.Store):  # type: ignore[misc,name-defined]  # stubs lac
                                    "a member did not create the side group")
             time.sleep(min(pause, left))
             pause = min(2 * pause, _WAIT_POLL_MAX_S)
+
+    def _look_up(self, key: str) -> bool:
+        """Whether ``key`` exists; its value is kept for the next :meth:`get` of it."""
+        if key in self._found:
+            return True
+        self.requests += 1
+        value = bytes(self._store.compare_set(key, self._ABSENT, self._ABSENT))
+        if value == self._ABSENT:  # missing: compare_set sets only over an empty expectation
+            return False
+        self._found[key] = value
+        return True
 
 
 def descriptors_short(rank: int, need: int = 0) -> str:

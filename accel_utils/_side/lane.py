@@ -14,6 +14,7 @@ fresh one under its own ``seq``, so every member lands on the same prefix again.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -42,7 +43,7 @@ from accel_utils._side.timing import (
     store_deadline,
     unresponsive_window,
 )
-from accel_utils._side.tree import Tree
+from accel_utils._side.tree import Tree, gather, reduce_or
 from accel_utils._side.wire import Call, Failure, Kind, Phase, Record, Reduced
 from accel_utils.errors import SideChannelError, describe
 
@@ -146,27 +147,22 @@ class Lane:
         """Operation ``seq``: every member's ``data``, in rank order, on every member.
 
         One agreeing operation (so a member in another call, or absent, is diagnosed as in
-        every operation), then two all-gathers on the side group (sizes, bytes), each waited
-        on with the same deadline and judgement.
+        every operation), then a gather over the tree, waited on with the same deadline and
+        judgement.
         """
         self.run(seq, Kind.GATHER, "", what, limit, liveness)
         deadline = time.monotonic() + limit.total_seconds() + GRACE_S
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        assert self.tree is not None  # made by the agreeing operation
         self.pulse.activate(seq, Phase.ARRIVED, liveness)
         try:
-            self.work = self.group.allgather([sizes], [torch.tensor([len(data)])])
-            self._watch(finished(self.work), seq, what, deadline, limit, liveness)
-            longest = max(int(n) for n in sizes)
-            mine = torch.zeros(longest, dtype=torch.uint8)
-            if data:
-                mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            out = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.size)]
-            self.work = self.group.allgather([out], [mine])
-            self._watch(finished(self.work), seq, what, deadline, limit, liveness)
+            work = self.work = self.tree.submit(functools.partial(gather, data=data,
+                                                                  timeout=limit))
+            self._watch(finished(work), seq, what, deadline, limit, liveness)
         finally:
             self.pulse.deactivate()
-        self.done, self.work = self.work, None
-        return [bytes(o[: int(n)].tolist()) for o, n in zip(out, sizes, strict=True)]
+        self.done, self.work = work, None
+        parts: list[bytes] = work.result
+        return parts
 
     def _start(self, seq: int, words: list[int], what: str, limit: timedelta,
                liveness: float | None) -> torch.Tensor:
@@ -177,7 +173,7 @@ class Lane:
             self.timeout = limit
         tensor = torch.tensor(words, dtype=torch.int64)
         assert self.tree is not None  # made with the group
-        self.work = self.tree.reduce_or(tensor, limit)
+        self.work = self.tree.submit(functools.partial(reduce_or, tensor=tensor, timeout=limit))
         return tensor
 
     def connect(self, seq: int, what: str, limit: timedelta, liveness: float | None) -> None:

@@ -1,5 +1,6 @@
-"""The side channel's reduction: the OR of a few words over a binomial tree of point-to-point
-messages, so that an operation's critical path grows with ``log2`` of the members, not with them.
+"""The side channel's operations over a binomial tree of point-to-point messages, so that their
+critical path grows with ``log2`` of the members, not with them: the OR of a few words (every
+guard, barrier and probe) and the gather of every member's bytes (node identity, results).
 
 Gloo's own all-reduce is a ring: ``2 (n - 1)`` messages one after the other, 63 ms at 256 ranks
 on one machine and seconds at thousands. Here every member sends its words, OR-ed with those of
@@ -9,9 +10,11 @@ children only, so with gloo's lazy connections it holds two sockets on average
 (``ceil(log2 n)`` at member 0). Ranks of a node are numbered together under every launcher, so
 the tree's lowest levels, where most messages go, stay inside a node.
 
-A daemon thread per group sends and receives (a point-to-point wait cannot be taken a slice at
-a time), so an operation goes on after its caller stopped waiting on it, as gloo's own
-collectives do: a failing first rank that only contributes still passes its subtree's words on.
+A gather goes up the same way (a subtree is a contiguous range of ranks: its lengths, then its
+bytes) and comes down whole. A daemon thread per group sends and receives (a point-to-point
+wait cannot be taken a slice at a time), so an operation goes on after its caller stopped
+waiting on it, as gloo's own collectives do: a failing first rank that only contributes still
+passes its subtree's words on.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -31,6 +35,11 @@ _UP, _DOWN = 0x5A1, 0x5A2  # message tags (words going up, the result coming dow
 def parent(rank: int) -> int | None:
     """``rank``'s parent in the tree (its lowest set bit cleared); None for member 0."""
     return rank & (rank - 1) if rank else None
+
+
+def span(rank: int, size: int) -> int:
+    """How many members ``rank``'s subtree holds: the ranks from ``rank`` on, that many."""
+    return min(rank & -rank, size - rank) if rank else size
 
 
 def children(rank: int, size: int) -> list[int]:
@@ -53,31 +62,69 @@ def depth(size: int) -> int:
     return 2 * max(top.bit_length() - 1, top.bit_count())  # 2**(bits-1) - 1: one bit fewer
 
 
+class _Messages:
+    """One operation's point-to-point messages, each waited on within the operation's deadline
+    (a point-to-point wait knows no group timeout)."""
+
+    def __init__(self, group: Any, timeout: timedelta) -> None:
+        self.group, self._deadline = group, time.monotonic() + timeout.total_seconds()
+
+    def wait(self, *works: Any) -> None:
+        for work in works:
+            work.wait(timedelta(seconds=max(self._deadline - time.monotonic(), 0.001)))
+
+    def recv(self, tensor: torch.Tensor, peer: int, tag: int) -> torch.Tensor:
+        if tensor.numel():  # an empty message is none: both sides know its length
+            self.wait(self.group.recv([tensor], peer, tag))
+        return tensor
+
+    def send(self, tensors: list[torch.Tensor], peers: list[int], tag: int) -> None:
+        self.wait(*[self.group.send([t], peer, tag) for peer in peers for t in tensors
+                    if t.numel()])
+
+
 def reduce_or(group: Any, rank: int, size: int, tensor: torch.Tensor,
-              timeout: timedelta) -> None:
+              timeout: timedelta) -> torch.Tensor:
     """Replace ``tensor`` (int64 words) by the OR of every member's, in place; blocks.
 
     Raises:
         RuntimeError: gloo's error: a lost peer, or ``timeout`` ran out (gloo then closes the
             group's connections, so its peers stop waiting too).
     """
-    deadline = time.monotonic() + timeout.total_seconds()
-
-    def wait(work: Any) -> None:  # a point-to-point wait knows no group timeout: give it ours
-        work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
-
-    kids = children(rank, size)
+    messages, kids = _Messages(group, timeout), children(rank, size)
     parts = [torch.empty_like(tensor) for _ in kids]
     works = [group.recv([part], kid, _UP) for part, kid in zip(parts, kids, strict=True)]
     for work, part in zip(works, parts, strict=True):
-        wait(work)
+        messages.wait(work)
         tensor.bitwise_or_(part)
     up = parent(rank)
     if up is not None:
-        wait(group.send([tensor], up, _UP))
-        wait(group.recv([tensor], up, _DOWN))
-    for work in [group.send([tensor], kid, _DOWN) for kid in reversed(kids)]:  # widest first
-        wait(work)
+        messages.send([tensor], [up], _UP)
+        messages.recv(tensor, up, _DOWN)
+    messages.send([tensor], kids[::-1], _DOWN)  # the widest subtree first
+    return tensor
+
+
+def gather(group: Any, rank: int, size: int, data: bytes, timeout: timedelta) -> list[bytes]:
+    """Every member's ``data``, in rank order, on every member; blocks (raises as
+    :func:`reduce_or`)."""
+    messages = _Messages(group, timeout)
+    lengths = [torch.tensor([len(data)], dtype=torch.int64)]
+    blobs = [torch.frombuffer(bytearray(data), dtype=torch.uint8) if data
+             else torch.empty(0, dtype=torch.uint8)]
+    for kid in children(rank, size):  # nearest first: their ranks follow on from ours
+        part = messages.recv(torch.empty(span(kid, size), dtype=torch.int64), kid, _UP)
+        lengths.append(part)
+        blobs.append(messages.recv(torch.empty(int(part.sum()), dtype=torch.uint8), kid, _UP))
+    every, blob = torch.cat(lengths), torch.cat(blobs)
+    up = parent(rank)
+    if up is not None:
+        messages.send([every, blob], [up], _UP)
+        every = messages.recv(torch.empty(size, dtype=torch.int64), up, _DOWN)
+        blob = messages.recv(torch.empty(int(every.sum()), dtype=torch.uint8), up, _DOWN)
+    messages.send([every, blob], children(rank, size)[::-1], _DOWN)
+    raw, ends = blob.numpy().tobytes(), torch.cumsum(every, 0).tolist()
+    return [raw[end - n:end] for end, n in zip(ends, every.tolist(), strict=True)]
 
 
 class Work:
@@ -86,6 +133,7 @@ class Work:
     def __init__(self) -> None:
         self._done = threading.Event()
         self._error: BaseException | None = None
+        self.result: Any = None
 
     def wait(self, timeout: timedelta | None = None) -> bool:
         """Wait until the operation ends (at most ``timeout``); raises its error.
@@ -106,16 +154,13 @@ class Work:
     def exception(self) -> BaseException | None:
         return self._error
 
-    def _end(self, error: BaseException | None) -> None:
-        self._error = error
-        self._done.set()
 
-
-_Jobs = queue.SimpleQueue["tuple[torch.Tensor, timedelta, Work] | None"]
+Job = Callable[[Any, int, int], Any]  # (group, rank, size) -> result
+_Jobs = queue.SimpleQueue["tuple[Job, Work] | None"]
 
 
 class Tree:
-    """The reductions of one gloo group, run in order by a daemon thread of its own."""
+    """The operations of one gloo group, run in order by a daemon thread of its own."""
 
     def __init__(self, group: Any, rank: int, size: int, keep: Any = None) -> None:
         self._jobs: _Jobs = queue.SimpleQueue()
@@ -124,11 +169,11 @@ class Tree:
                                         name="accel-utils-tree", daemon=True)
         self._thread.start()
 
-    def reduce_or(self, tensor: torch.Tensor, timeout: timedelta) -> Work:
-        """Start the OR of every member's ``tensor`` (in place, within ``timeout``); its
-        :class:`Work`."""
+    def submit(self, job: Job) -> Work:
+        """Start ``job(group, rank, size)`` (:func:`reduce_or` or :func:`gather` with their
+        other arguments bound) after those started before; its :class:`Work`."""
         work = self._last = Work()
-        self._jobs.put((tensor, timeout, work))
+        self._jobs.put((job, work))
         return work
 
     def close(self) -> None:
@@ -147,13 +192,12 @@ class Tree:
 def _serve(jobs: _Jobs, group: Any, rank: int, size: int, keep: Any) -> None:
     # A function, not a method: the thread must not keep its Tree alive; it keeps ``keep``
     # (the store the group calls back into) as long as the group.
-    while (job := jobs.get()) is not None:
-        tensor, timeout, work = job
+    while (item := jobs.get()) is not None:
+        job, work = item
         try:
-            reduce_or(group, rank, size, tensor, timeout)
+            work.result = job(group, rank, size)
         except RuntimeError as exc:  # gloo's errors (DistError is one)
-            work._end(exc)
+            work._error = exc
         except Exception as exc:  # noqa: BLE001 - handed to the waiter as gloo's would be
-            work._end(RuntimeError(f"side-channel operation failed: {exc!r}"))
-        else:
-            work._end(None)
+            work._error = RuntimeError(f"side-channel operation failed: {exc!r}")
+        work._done.set()
