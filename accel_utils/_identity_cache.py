@@ -55,3 +55,10 @@ class IdentityCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    def drain(self) -> list[Any]:
+        """Every value, those of keys freed since included, and forget them all."""
+        with self._lock:
+            values = [value for _, value in self._entries.values()]
+            self._entries.clear()
+            return values

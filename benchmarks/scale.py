@@ -355,8 +355,10 @@ def chart(results: dict[str, Any], path: str) -> None:
             measured = [(w, v) for w, v, extra in pts if not extra]
             if measured:  # measured points solid, extrapolations dashed from the last one
                 ax.plot(*zip(*measured, strict=True), marker="o", color=color, label=label)
-                ahead = [measured[-1]] + [(w, v) for w, v, extra in pts if extra]
-                ax.plot(*zip(*ahead, strict=True), marker="x", linestyle="--", color=color)
+            ahead = measured[-1:] + [(w, v) for w, v, extra in pts if extra]
+            if ahead:
+                ax.plot(*zip(*ahead, strict=True), marker="x", linestyle="--", color=color,
+                        label=None if measured else label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("ranks")

@@ -18,6 +18,7 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -233,6 +234,7 @@ class Lane:
             raise
         self.group, self.timeout = box["group"], limit
         self.tree = Tree(self.group, rank, size, keep=link)
+        weakref.finalize(self, self.tree.close)  # a lane dropped with its parent group
         logger.debug("created gloo side group g%d for %s", seq, self.name)
 
     def _watch(self, done: Callable[[timedelta], Any], seq: int, what: str,

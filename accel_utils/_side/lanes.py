@@ -85,11 +85,11 @@ def lane_count() -> int:
 
 
 def release_all() -> None:
-    """Forget every lane (stopping its thread), so that its groups end now, not at exit."""
-    for lanes in _lanes.values():
+    """Forget every lane (stopping its threads), so that its groups end now, not at exit; the
+    lanes of parent groups freed already too (their trees' threads still hold side groups)."""
+    for lanes in _lanes.drain():
         for lane in lanes.values():
             _release(lane)
-    _lanes.clear()
 
 
 def _release(lane: Lane) -> None:

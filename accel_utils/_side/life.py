@@ -26,6 +26,7 @@ import os
 import socket
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,7 +159,7 @@ def _default_group() -> Any:
     return dist.group.WORLD
 
 
-_shared: tuple[Any, Any] = (None, None)  # (a default group, its side connection)
+_shared: tuple[Any, Any] = (lambda: None, None)  # (a default group's weakref, its connection)
 _shared_lock = threading.Lock()
 
 
@@ -177,8 +178,8 @@ def connection() -> Any:
     if world is None:
         raise RuntimeError("no default process group: the side channel needs the job's store")
     with _shared_lock:
-        if _shared[0] is not world:
-            _shared = (world, root_store(world.get_group_store()).clone())
+        if _shared[0]() is not world:  # a weak reference: a destroyed group must be freed
+            _shared = (weakref.ref(world), root_store(world.get_group_store()).clone())
         return _shared[1]
 
 
