@@ -102,8 +102,8 @@ class WaitlessStore(dist.Store):  # type: ignore[misc,name-defined]  # stubs lac
     Gloo waits for a peer's address in the store before its first message to that peer, then
     reads it. A server-side wait would block the connection until a late peer arrives, so every
     group would need a connection of its own; each new connection costs the store's one thread
-    a reverse-DNS look-up (see :func:`connect_gloo`). Polling lets every group, the heartbeats
-    and the sign of life share the process's one side connection. Its load stays small: only the
+    a reverse-DNS look-up (see :func:`connect_gloo`). Polling lets every group and every
+    lane's heartbeat share the process's one side connection. Its load stays small: only the
     members next to a late peer in the tree poll, within a second ten times, then once a second.
     A look-up is one request (a ``compare_set`` that cannot match returns the value, where
     ``check`` then ``get`` would be three: torch's ``get`` waits first), so creating a group

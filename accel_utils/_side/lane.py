@@ -45,7 +45,7 @@ from accel_utils._side.timing import (
     unresponsive_window,
 )
 from accel_utils._side.tree import Tree, gather, reduce_or
-from accel_utils._side.wire import Call, Failure, Kind, Phase, Record, Reduced
+from accel_utils._side.wire import CONFIRM_BIT, Call, Failure, Kind, Phase, Record, Reduced
 from accel_utils.errors import SideChannelError, describe
 
 logger = logging.getLogger("accel_utils.side_channel")
@@ -114,8 +114,9 @@ class Lane:
         """
         self.label = label
         self.pulse.activate(seq, Phase.ARRIVED, liveness)
-        # A member inside this operation for a while asks for a second round: a peer that
-        # died or froze after its share went through must not let some members pass.
+        # A member inside this operation for a while asks for a second round (and member 0
+        # does, for a share that waited long in the tree): a peer that died or froze after its
+        # share went through must not let some members pass.
         words = Call(kind, label, seq, payload, failed, self.pulse.lasted() > POLL_S).pack()
         try:
             while True:
@@ -174,7 +175,8 @@ class Lane:
             self.timeout = limit
         tensor = torch.tensor(words, dtype=torch.int64)
         assert self.tree is not None  # made with the group
-        self.work = self.tree.submit(functools.partial(reduce_or, tensor=tensor, timeout=limit))
+        self.work = self.tree.submit(functools.partial(
+            reduce_or, tensor=tensor, timeout=limit, stale_s=POLL_S, stale_flag=CONFIRM_BIT))
         return tensor
 
     def connect(self, seq: int, what: str, limit: timedelta, liveness: float | None) -> None:

@@ -4,8 +4,7 @@ A lane's heartbeat runs only inside an operation, so it cannot tell a member tha
 its first guard from one that is still loading data. This beat can: one daemon thread, started
 at ``import accel_utils``, waits (without importing anything) for ``torch.distributed`` to have
 a default group, then writes ``count pid host`` under ``accel_utils/life/<global rank>`` in the
-job's store every ``LIFE_BEAT_S``, on the process's side connection (:func:`connection`),
-which it opens, until that group is
+job's store every ``LIFE_BEAT_S``, on a store connection of its own, until that group is
 destroyed; a new default group (a new launch in a reused process) starts it again. Waiting
 members read the marks of watched members that have not arrived (see
 :class:`~accel_utils._side.heartbeat.Pulse`): a mark that stands still means the process
@@ -119,7 +118,7 @@ class _Beat:
                 world, store, count = current, None, 0
                 if world is not None:
                     try:
-                        store, rank = connection(), sys.modules["torch.distributed"].get_rank()
+                        store, rank = _own_store(world)
                     except Exception:  # noqa: BLE001 - destroyed meanwhile: look again next time
                         world = None
             if store is None:
@@ -159,19 +158,26 @@ def _default_group() -> Any:
     return dist.group.WORLD
 
 
+def _own_store(world: Any) -> tuple[Any, int]:
+    # Its own connection, not the lanes' (:func:`connection`): a clone that hangs (a group
+    # destroyed meanwhile, its store gone) must not hold up the side channel, nor it this beat.
+    dist = sys.modules["torch.distributed"]
+    return root_store(world.get_group_store()).clone(), dist.get_rank()
+
+
 _shared: tuple[Any, Any] = (lambda: None, None)  # (a default group's weakref, its connection)
 _shared_lock = threading.Lock()
 
 
 def connection() -> Any:
     """This process's side connection to the job's store, opened once per default group by
-    whoever asks first: this thread, soon after the group's creation, or a first lane.
+    its first lane.
 
-    Every side-channel request of the process goes over it (signs of life, heartbeats, gloo's
-    address look-ups), none of them waiting in the store, so none blocks the others for long;
-    torch's own connection is left to torch, whose waits would. One connection, not one per
-    lane or group: each new one costs the store a reverse-DNS look-up (see
-    :func:`accel_utils._side.gloo.connect_gloo`).
+    Every request of the side channel's lanes goes over it (heartbeats, gloo's address
+    look-ups), none of them waiting in the store, so none blocks the others for long; torch's
+    own connection is left to torch, whose waits would, and this thread keeps its own. One
+    connection, not one per lane or group: each new one costs the store a reverse-DNS look-up
+    (see :func:`accel_utils._side.gloo.connect_gloo`).
     """
     global _shared
     world = _default_group()

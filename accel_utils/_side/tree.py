@@ -83,24 +83,39 @@ class _Messages:
                     if t.numel()])
 
 
-def reduce_or(group: Any, rank: int, size: int, tensor: torch.Tensor,
-              timeout: timedelta) -> torch.Tensor:
+def reduce_or(group: Any, rank: int, size: int, tensor: torch.Tensor, timeout: timedelta,
+              stale_s: float = float("inf"), stale_flag: int = 0) -> torch.Tensor:
     """Replace ``tensor`` (int64 words) by the OR of every member's, in place; blocks.
+
+    If a member's words are older than ``stale_s`` when member 0 holds them all, ``stale_flag``
+    is OR-ed into the last word of the result: a member whose share went through long ago may
+    have died or been cut off since (gloo's ring, which needs every member until the end, could
+    not finish then; the tree can), so the caller asks every member again. Each message up
+    carries its subtree's oldest share's age, measured with each member's own clock.
 
     Raises:
         RuntimeError: gloo's error: a lost peer, or ``timeout`` ran out (gloo then closes the
             group's connections, so its peers stop waiting too).
     """
-    messages, kids = _Messages(group, timeout), children(rank, size)
-    parts = [torch.empty_like(tensor) for _ in kids]
+    messages, kids, start = _Messages(group, timeout), children(rank, size), time.monotonic()
+    up_msg = torch.cat([tensor, torch.zeros(1, dtype=torch.int64)])  # + the oldest share's age
+    parts = [torch.empty_like(up_msg) for _ in kids]
     works = [group.recv([part], kid, _UP) for part, kid in zip(parts, kids, strict=True)]
+    arrived = []
     for work, part in zip(works, parts, strict=True):
         messages.wait(work)
-        tensor.bitwise_or_(part)
+        arrived.append((time.monotonic(), int(part[-1])))
+        up_msg[:-1].bitwise_or_(part[:-1])
+    now = time.monotonic()
+    oldest_us = max([now - start] + [now - at + age / 1e6 for at, age in arrived]) * 1e6
+    tensor.copy_(up_msg[:-1])
     up = parent(rank)
     if up is not None:
-        messages.send([tensor], [up], _UP)
+        up_msg[-1] = int(oldest_us)
+        messages.send([up_msg], [up], _UP)
         messages.recv(tensor, up, _DOWN)
+    elif oldest_us > stale_s * 1e6:
+        tensor[-1] |= stale_flag
     messages.send([tensor], kids[::-1], _DOWN)  # the widest subtree first
     return tensor
 
