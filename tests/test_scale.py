@@ -23,7 +23,7 @@ import pytest
 import torch.distributed as dist
 
 from accel_utils import FirstRankPerNode, SideChannelError, barrier_and_log, resolve
-from accel_utils._side import lane_for, tree
+from accel_utils._side import lane_for, life, tree
 from accel_utils._side.timing import POLL_S
 from accel_utils._side.wire import Kind
 from accel_utils.barriers import _barrier_with_timeout
@@ -158,7 +158,8 @@ def _store_connections() -> int:
 
 
 def _connections_while_the_side_channel_works() -> dict:
-    assert _barrier_with_timeout(timedelta(seconds=30))  # the process's side connection exists
+    assert _barrier_with_timeout(timedelta(seconds=30))  # the lanes' connection exists
+    assert life.beat_now(10)  # and the sign of life's (its thread opens it in the background)
     before = _store_connections()
     pair = dist.new_group([0, 1], backend="gloo")
     if dist.get_rank() in (0, 1):  # a lane and a group on a subgroup
