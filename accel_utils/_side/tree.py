@@ -170,6 +170,7 @@ class Work:
         return self._error
 
 
+_CLOSE_S = 30.0  # at most this long for an idle thread to end (never reached but on a hang)
 Job = Callable[[Any, int, int], Any]  # (group, rank, size) -> result
 _Jobs = queue.SimpleQueue["tuple[Job, Work] | None"]
 
@@ -200,8 +201,8 @@ class Tree:
         process with ``terminate called without an active exception``.
         """
         self._jobs.put(None)
-        if self._last is None or self._last.is_completed():
-            self._thread.join(timeout=1.0)
+        if self._last is None or self._last.is_completed():  # it only has to dequeue and go:
+            self._thread.join(timeout=_CLOSE_S)  # a short cap could run out on a loaded host
 
 
 def _serve(jobs: _Jobs, group: Any, rank: int, size: int, keep: Any) -> None:
